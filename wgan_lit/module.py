@@ -1,0 +1,160 @@
+"""The WGAN LightningModule: Algorithm 1 of Arjovsky, Chintala & Bottou (2017), arXiv:1701.07875.
+
+Every training batch is one critic update on fresh real images and fresh noise, followed by clamping all
+critic parameters to [-c, c]. After ``n_critic`` such updates comes one generator update on fresh noise.
+Lightning's ``global_step`` counts both kinds of optimizer step, so the module keeps its own
+``gen_step`` counter: it is the x axis of the logged curves and the unit of ``max_gen_steps``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lightning as L
+import torch
+
+from wgan_lit.networks import Critic, Generator
+
+
+def critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """E[D(G(z))] - E[D(x)]: minimising it maximises the Wasserstein estimate E[D(x)] - E[D(G(z))]."""
+    return fake_scores.mean() - real_scores.mean()
+
+
+def generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """-E[D(G(z))]: the generator moves its samples towards where the critic scores real data."""
+    return -fake_scores.mean()
+
+
+@torch.no_grad()
+def clamp_(params: list[torch.Tensor], clip_value: float) -> None:
+    """Clamp every tensor to [-clip_value, clip_value] with two multi-tensor kernels, not a Python loop."""
+    torch._foreach_clamp_min_(params, -clip_value)
+    torch._foreach_clamp_max_(params, clip_value)
+
+
+class WGAN(L.LightningModule):
+    def __init__(
+        self,
+        image_size: int = 28,
+        channels: int = 1,
+        latent_dim: int = 100,
+        g_features: int = 64,
+        d_features: int = 64,
+        critic_batchnorm: bool = True,
+        optimizer: str = "rmsprop",
+        lr_g: float = 5e-5,
+        lr_d: float = 5e-5,
+        clip_value: float = 0.01,
+        n_critic: int = 5,
+        paper_critic_schedule: bool = False,
+        n_fixed_samples: int = 64,
+        fixed_noise_seed: int = 1234,
+        log_every_n_gen_steps: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.generator = Generator(latent_dim, channels, image_size, g_features)
+        self.critic = Critic(channels, image_size, d_features, critic_batchnorm)
+        # Persistent so a resumed run or a reloaded checkpoint draws its grids from the same noise.
+        fixed = torch.randn(n_fixed_samples, latent_dim, generator=torch.Generator().manual_seed(fixed_noise_seed))
+        self.register_buffer("fixed_noise", fixed)
+        self.gen_step = 0  # generator updates done
+        self.critic_step_in_iter = 0  # critic updates done since the last generator update
+
+    # ---- the algorithm -------------------------------------------------------------------------------
+
+    def critic_iters(self, gen_step: int) -> int:
+        """Critic updates before generator update number ``gen_step`` (0-based)."""
+        if self.hparams.paper_critic_schedule and (gen_step < 25 or gen_step % 500 == 0):
+            return 100  # the paper's code: lets the critic approach optimality early and now and then
+        return self.hparams.n_critic
+
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.hparams.latent_dim, device=self.device)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        real = batch
+        n = real.shape[0]
+
+        with self.toggled_optimizer(opt_d):
+            with torch.no_grad():
+                fake = self.generator(self.noise(n))
+            real_scores = self.critic(real)  # two passes, as in the paper: BatchNorm sees real and fake apart
+            fake_scores = self.critic(fake)
+            d_loss = critic_loss(real_scores, fake_scores)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            clamp_(self._critic_params, self.hparams.clip_value)
+        self.critic_step_in_iter += 1
+
+        if self.critic_step_in_iter < self.critic_iters(self.gen_step):
+            return
+        with self.toggled_optimizer(opt_g):
+            g_loss = generator_loss(self.critic(self.generator(self.noise(n))))
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(g_loss)
+            opt_g.step()
+        self.critic_step_in_iter = 0
+        self.gen_step += 1
+        self.log("gen_step", self.gen_step, prog_bar=True, logger=False)  # host int: no device sync
+        if self.gen_step % self.hparams.log_every_n_gen_steps == 0:
+            self._log_curves(d_loss=d_loss, g_loss=g_loss)
+
+    def _log_curves(self, d_loss: torch.Tensor, g_loss: torch.Tensor) -> None:
+        # One device sync per log point, none in between.
+        values = torch.stack([d_loss.detach(), g_loss.detach()]).float().cpu().tolist()
+        metrics = {"critic/loss": values[0], "critic/wasserstein": -values[0], "generator/loss": values[1]}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.gen_step)
+        # Also into callback_metrics (progress bar, checkpoint names); the loggers got them above.
+        self.log("W", -values[0], prog_bar=True, logger=False)
+
+    @property
+    def _critic_params(self) -> list[torch.Tensor]:
+        return list(self.critic.parameters())
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        if hp.optimizer == "rmsprop":
+            make = torch.optim.RMSprop
+        elif hp.optimizer == "adam":  # the paper reports it less stable; DCGAN's betas
+            make = functools.partial(torch.optim.Adam, betas=(0.5, 0.999))
+        else:
+            raise ValueError(f"optimizer={hp.optimizer!r}: expected 'rmsprop' or 'adam'")
+        return [make(self.generator.parameters(), lr=hp.lr_g), make(self.critic.parameters(), lr=hp.lr_d)]
+
+    # ---- counters survive checkpoints ----------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["wgan_counters"] = {"gen_step": self.gen_step, "critic_step_in_iter": self.critic_step_in_iter}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("wgan_counters", {})
+        self.gen_step = counters.get("gen_step", 0)
+        self.critic_step_in_iter = counters.get("critic_step_in_iter", 0)
+
+    # ---- sampling --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] for latent codes ``z``, with BatchNorm in inference mode (changes no state)."""
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            return self.generator(z.to(self.device))
+        finally:
+            self.generator.train(was_training)
+
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """``n`` fresh images in [-1, 1]; a seed makes them reproducible without touching the global RNG."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        z = torch.randn(n, self.hparams.latent_dim, generator=gen)
+        return self.generate(z)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
