@@ -41,7 +41,8 @@ def test_trainer_options_inherit_the_default():
 def test_defaults_are_the_papers():
     cfg = validate(make([]))
     m = cfg.model
-    assert (m.optimizer, m.lr_g, m.lr_d, m.clip_value, m.n_critic, m.latent_dim) == ("rmsprop", 5e-5, 5e-5, 0.01, 5, 100)
+    paper = ("rmsprop", 5e-5, 5e-5, 0.01, 5, 100)
+    assert (m.optimizer, m.lr_g, m.lr_d, m.clip_value, m.n_critic, m.latent_dim) == paper
     assert cfg.data.name == "fashion_mnist" and cfg.data.batch_size == 64
 
 
