@@ -37,6 +37,10 @@ class ModelConfig:
     paper_critic_schedule: bool = False  # paper's code: 100 critic updates for the first 25 and every 500th
     n_fixed_samples: int = 64  # size of the fixed noise batch behind the sample grids
     fixed_noise_seed: int = 1234
+    # Fast-path switches (measured by benchmarks/throughput.py; see README "Speed").
+    fused_clamp: bool = True  # clip all critic weights with two multi-tensor kernels instead of a Python loop
+    channels_last: bool = False  # NHWC memory layout for both networks and the batches
+    compile: bool = False  # torch.compile both networks (first steps pay the compile time)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class DataConfig:
     num_workers: int = 0  # in-memory datasets need none
     download: bool = False  # fetch through torchvision when no local copy is found
     split: str = "train"
+    device_resident: bool = False  # GPU: keep the uint8 images on the device and index batches there
 
 
 @dataclass
@@ -62,6 +67,7 @@ class TrainerConfig:
     max_epochs: int = 5  # one bound on a run's length; see also max_gen_steps
     deterministic: bool = False
     enable_progress_bar: bool = True
+    max_time: str | None = None  # wall-clock bound "DD:HH:MM:SS", e.g. "00:00:15:00"; null = none
 
 
 @dataclass
@@ -80,6 +86,9 @@ class TrainConfig:
     seed: int = 0
     max_gen_steps: int = -1  # stop after this many generator updates; -1 = bound by trainer.max_epochs only
     checkpoint_every_n_epochs: int = 1  # periodic checkpoints; last.ckpt is always kept
+    # torch.set_num_threads; 0 = torch's default (one per core). On a CPU shared with other jobs, 1 avoids
+    # OpenMP threads spin-waiting for a core (measured up to 10x slower with 2 threads; README "Speed").
+    cpu_threads: int = 0
 
 
 class ConfigError(ValueError):
@@ -103,6 +112,8 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("data.batch_size", d.batch_size, d.batch_size >= 1, "an integer >= 1 (the paper uses 64)"),
         ("data.image_size", d.image_size, d.image_size in IMAGE_SIZES, f"one of {IMAGE_SIZES}"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "an integer >= 0"),
+        ("data.num_workers", d.num_workers, not (d.device_resident and d.num_workers > 0),
+         "0 with data.device_resident=true (worker processes cannot index GPU tensors)"),
         ("logger.name", lg.name, lg.name in LOGGERS, f"one of {', '.join(LOGGERS)}"),
         ("logger.log_every_n_gen_steps", lg.log_every_n_gen_steps, lg.log_every_n_gen_steps >= 1,
          "an integer >= 1"),
@@ -112,6 +123,7 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
          "-1 (no limit) or an integer >= 1"),
         ("checkpoint_every_n_epochs", c.checkpoint_every_n_epochs, c.checkpoint_every_n_epochs >= 1,
          "an integer >= 1"),
+        ("cpu_threads", c.cpu_threads, c.cpu_threads >= 0, "an integer >= 0 (0 = one thread per core)"),
         ("trainer.max_epochs", c.trainer.max_epochs, c.trainer.max_epochs == -1 or c.trainer.max_epochs >= 1,
          "-1 (no limit) or an integer >= 1"),
     ]

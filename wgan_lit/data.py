@@ -132,7 +132,7 @@ class InMemoryImages(Dataset):
         return self.images[index]
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return self.images[torch.as_tensor(indices)]
+        return self.images[torch.as_tensor(indices, device=self.images.device)]
 
 
 def pass_through(batch: torch.Tensor) -> torch.Tensor:
@@ -151,10 +151,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         split: str = "train",
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         self.root, self.batch_size, self.image_size = root, batch_size, image_size
         self.num_workers, self.download, self.split = num_workers, download, split
+        self.device_resident = device_resident
         self.images: torch.Tensor | None = None
 
     def prepare_data(self) -> None:
@@ -164,6 +166,12 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if self.images is None:
             images, _ = load_fashion_mnist(*locate_fashion_mnist(self.root, self.split, download=False))
             self.images = resize_uint8(images, self.image_size)
+        if self.device_resident and self.trainer is not None:
+            # Each process (DDP rank) copies the uint8 images once to its own device; batches are then
+            # indexed there, with no per-step host-to-device copy. A no-op on CPU.
+            device = self.trainer.strategy.root_device
+            if device.type != "cpu":
+                self.images = self.images.to(device)
 
     def train_dataloader(self) -> DataLoader:
         if self.images is None:
@@ -178,7 +186,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             drop_last=True,  # every critic step sees a full batch of m images, as in the paper
             collate_fn=pass_through,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available() and self.images.device.type == "cpu",
             persistent_workers=self.num_workers > 0,
         )
 

@@ -52,12 +52,21 @@ class WGAN(L.LightningModule):
         n_fixed_samples: int = 64,
         fixed_noise_seed: int = 1234,
         log_every_n_gen_steps: int = 10,
+        fused_clamp: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.generator = Generator(latent_dim, channels, image_size, g_features)
         self.critic = Critic(channels, image_size, d_features, critic_batchnorm)
+        if channels_last:  # NHWC weights; training_step converts the real batch, G's output follows its weights
+            self.generator.to(memory_format=torch.channels_last)
+            self.critic.to(memory_format=torch.channels_last)
+        if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
+            self.generator.compile()
+            self.critic.compile()
         # Persistent so a resumed run or a reloaded checkpoint draws its grids from the same noise.
         fixed = torch.randn(n_fixed_samples, latent_dim, generator=torch.Generator().manual_seed(fixed_noise_seed))
         self.register_buffer("fixed_noise", fixed)
@@ -77,7 +86,7 @@ class WGAN(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
-        real = batch
+        real = batch.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else batch
         n = real.shape[0]
 
         with self.toggled_optimizer(opt_d):
@@ -89,7 +98,11 @@ class WGAN(L.LightningModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             opt_d.step()
-            clamp_(self._critic_params, self.hparams.clip_value)
+            if self.hparams.fused_clamp:
+                clamp_(self._critic_params, self.hparams.clip_value)
+            else:  # the seed projects' loop, one kernel launch per tensor (kept to measure the difference)
+                for p in self.critic.parameters():
+                    p.data.clamp_(-self.hparams.clip_value, self.hparams.clip_value)
         self.critic_step_in_iter += 1
 
         if self.critic_step_in_iter < self.critic_iters(self.gen_step):

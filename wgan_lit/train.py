@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -31,6 +32,7 @@ def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
         return FashionMNISTDataModule(
             root=cfg.root, batch_size=cfg.batch_size, image_size=cfg.image_size,
             num_workers=cfg.num_workers, download=cfg.download, split=cfg.split,
+            device_resident=cfg.device_resident,
         )
     raise ConfigError(f"data.name={cfg.name!r} has no data module")
 
@@ -45,6 +47,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
     """Fit one WGAN as configured; everything goes under ``run_dir``. Returns the final logged metrics."""
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()  # fail on missing or corrupt data before anything is written
 
