@@ -20,7 +20,7 @@ RATE = re.compile(r"^rate\[(?P<name>[^\]]+)\]: (?P<rate>[\d.]+) gen_iter/s  rati
 @pytest.mark.real_data
 @pytest.mark.skipif(not os.path.isdir(SYSTEM_FMNIST), reason=f"needs the real Fashion-MNIST in {SYSTEM_FMNIST}")
 def test_quick_benchmark_prints_rates_ratios_and_flop_efficiency(tmp_path):
-    variants = ["lightning", "lightning per-item loader", "lightning python clamp", "lightning channels_last"]
+    variants = ["lightning", "lightning per-item loader", "lightning python clamp", "lightning NCHW"]
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--threads", "1",
          "--features", "8", "--latent-dim", "16", "--variants", *variants],

@@ -37,12 +37,12 @@ def test_python_loop_clamp_gives_bit_identical_training_to_the_fused_clamp():
     assert at_bound > 10, "the loop must actually clamp"
 
 
-def test_channels_last_puts_both_networks_in_nhwc_and_trains_to_the_same_weights():
+def test_channels_last_puts_both_networks_in_nhwc_computes_the_same_and_trains():
     model = WGAN(channels_last=True, **TINY)
     convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert not all(p.is_contiguous() for p in convs)
-    assert_same_functions(model, WGAN(**TINY))
+    assert_same_functions(model, WGAN(channels_last=False, **TINY))
     nhwc = train_tiny(channels_last=True)
     assert critic_within_clip(nhwc) and nhwc.gen_step == 3
 
@@ -70,7 +70,7 @@ def test_compile_keeps_checkpoint_keys_of_the_plain_networks():
 def test_compiled_networks_train_and_compute_what_the_eager_ones_do():
     compiled = train_tiny(compile=True)
     assert compiled.gen_step == 3 and critic_within_clip(compiled)
-    assert_same_functions(compiled, WGAN(**TINY))
+    assert_same_functions(compiled, WGAN(compile=False, **TINY))
 
 
 def test_bf16_mixed_precision_works_with_manual_optimization_and_the_clip():
@@ -116,7 +116,7 @@ def test_device_resident_refuses_worker_processes():
 
 def test_fast_path_defaults_are_the_measured_choice():
     cfg = validate(make([]))
-    assert cfg.model.fused_clamp and not cfg.model.channels_last and not cfg.model.compile
+    assert cfg.model.fused_clamp and cfg.model.channels_last and not cfg.model.compile
     assert not cfg.data.device_resident and cfg.cpu_threads == 0
 
 
@@ -131,3 +131,16 @@ def test_fast_path_data_module_still_used_by_train_with_the_switch(tmp_path):
     root = write_fake_fashion_mnist(tmp_path / "d")
     dm = build_datamodule(validate(make([f"data.root={root}", "data.device_resident=true"])).data)
     assert isinstance(dm, FashionMNISTDataModule) and dm.device_resident
+
+
+def test_cpu_15min_preset_stops_lightning_after_15_minutes_of_training():
+    import dataclasses
+
+    from lightning.pytorch.callbacks import Timer
+
+    cfg = validate(make(["experiment=fashion_cpu_15min"]))
+    assert cfg.trainer.max_time == "00:00:15:00" and cfg.trainer.max_epochs == -1 and cfg.max_gen_steps > 0
+    trainer = L.Trainer(**{**dataclasses.asdict(cfg.trainer), "accelerator": "cpu", "devices": 1},
+                        logger=False, enable_checkpointing=False)
+    (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
+    assert timer._duration == 15 * 60

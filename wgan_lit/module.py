@@ -53,7 +53,7 @@ class WGAN(L.LightningModule):
         fixed_noise_seed: int = 1234,
         log_every_n_gen_steps: int = 10,
         fused_clamp: bool = True,
-        channels_last: bool = False,
+        channels_last: bool = True,
         compile: bool = False,
     ) -> None:
         super().__init__()
