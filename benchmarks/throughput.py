@@ -171,12 +171,14 @@ class GenIterTimer(L.Callback):
 class PerItemDataModule(L.LightningDataModule):
     """The 'in-memory uint8 batches' switch turned off: the seed projects' loader inside Lightning."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, workers: int, channels: int) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, workers: int, channels: int,
+                 device: torch.device) -> None:
         super().__init__()
         self.dataset, self.batch_size, self.workers, self.channels = dataset, batch_size, workers, channels
+        self.run_device = device  # pin_memory as in the plain loop
 
     def train_dataloader(self) -> DataLoader:
-        return seed_loader(self.dataset, self.batch_size, self.workers, torch.device("cpu"))
+        return seed_loader(self.dataset, self.batch_size, self.workers, self.run_device)
 
     def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> torch.Tensor:
         return batch[0]  # (images in [-1, 1], labels) -> images
@@ -213,7 +215,8 @@ def lightning_rate(cfg: argparse.Namespace, overrides: list[str], dataset: torch
     tc, per_item = compose_config(cfg, overrides)
     L.seed_everything(0, verbose=False)
     if per_item:
-        datamodule: L.LightningDataModule = PerItemDataModule(dataset, cfg.batch_size, cfg.workers, cfg.channels)
+        datamodule: L.LightningDataModule = PerItemDataModule(dataset, cfg.batch_size, cfg.workers, cfg.channels,
+                                                              cfg.device)
     elif cfg.channels == 3:
         d = tc.data
         datamodule = RGBFashionMNIST(d.root, d.batch_size, d.image_size, d.num_workers, d.download, d.split,
