@@ -144,3 +144,17 @@ def test_cpu_15min_preset_stops_lightning_after_15_minutes_of_training():
                         logger=False, enable_checkpointing=False)
     (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
     assert timer._duration == 15 * 60
+
+
+def test_train_sets_the_number_of_cpu_threads_from_the_config(tmp_path, monkeypatch):
+    from wgan_lit.train import train
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # record, and leave this process's threads alone
+    root = write_fake_fashion_mnist(tmp_path / "d")
+    cfg = validate(make([f"data.root={root}", "cpu_threads=1", "trainer=cpu", "trainer.enable_progress_bar=false",
+                         "model.g_features=8", "model.d_features=8", "model.latent_dim=16", "model.n_fixed_samples=4",
+                         "model.n_critic=1", "data.batch_size=16", "max_gen_steps=1",
+                         "logger.sample_every_n_gen_steps=0"]))
+    train(cfg, tmp_path / "run")
+    assert calls == [1]
