@@ -113,6 +113,7 @@ class WGAN(L.LightningModule):
             logger.log_metrics(metrics, step=self.gen_step)
         # Also into callback_metrics (progress bar, checkpoint names); the loggers got them above.
         self.log("W", -values[0], prog_bar=True, logger=False)
+        self.log("g_loss", values[1], logger=False)  # final value goes to the HParams view (wgan_lit.hparams)
 
     @property
     def _critic_params(self) -> list[torch.Tensor]:

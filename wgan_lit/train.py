@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -21,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
 from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
 from wgan_lit.data import DataError, FashionMNISTDataModule
+from wgan_lit.hparams import HParamsSummary
+from wgan_lit.hydra_ddp import OneRunDir, OneRunDirError, ddp_job
 from wgan_lit.module import WGAN
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -41,8 +44,11 @@ def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:
     return CSVLogger(save_dir=run_dir, name="csv", version="")
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
-    """Fit one WGAN as configured; everything goes under ``run_dir``. Returns the final logged metrics."""
+def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
+    """Fit one WGAN as configured; everything goes under ``run_dir``. Returns the final logged metrics.
+
+    ``extra_callbacks`` join the run's own (for tests and notebooks that watch a run).
+    """
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
@@ -55,6 +61,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
         **dataclasses.asdict(cfg.model),
     )
     callbacks: list[L.Callback] = [
+        OneRunDir(run_dir),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="epoch{epoch:03d}-gen{gen_step:.0f}",
@@ -68,10 +75,14 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps))
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
+    callbacks += extra_callbacks
+    logger = build_logger(cfg, run_dir)
+    if isinstance(logger, TensorBoardLogger):
+        callbacks.append(HParamsSummary(dataclasses.asdict(cfg)))  # last: sees every metric logged at the end
 
     trainer = L.Trainer(
         **dataclasses.asdict(cfg.trainer),
-        logger=build_logger(cfg, run_dir),
+        logger=logger,
         callbacks=callbacks,
         default_root_dir=run_dir,
         limit_val_batches=0,
@@ -95,8 +106,9 @@ def main(cfg: DictConfig) -> float | None:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics = train(config, run_dir)
-    except DataError as err:
+        with ddp_job():  # DDP ranks > 0 re-run this job, not the whole sweep
+            metrics = train(config, run_dir)
+    except (DataError, OneRunDirError) as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"Run directory: {run_dir}")
