@@ -34,9 +34,11 @@ class Probe(L.Callback):
         self.report["start"] = {"critic": params_hash(pl_module.critic), "generator": params_hash(pl_module.generator)}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if "indices" in self.report:
+            return  # the first epoch's shard is enough
         sampler = trainer.train_dataloader.sampler
         self.report["sampler"] = type(sampler).__name__
-        self.report.setdefault("indices", []).extend(int(i) for i in sampler)
+        self.report["indices"] = [int(i) for i in sampler]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.report.update(
