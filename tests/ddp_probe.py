@@ -32,6 +32,8 @@ class Probe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.report["start"] = {"critic": params_hash(pl_module.critic), "generator": params_hash(pl_module.generator)}
+        with torch.random.fork_rng(devices=[]):  # a peek at this rank's next noise, without consuming it
+            self.report["noise"] = pl_module.noise(2).flatten().tolist()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if "indices" in self.report:

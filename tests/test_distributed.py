@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -24,7 +25,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import REPO, write_fake_fashion_mnist
 from wgan_lit.config import register_configs, validate
-from wgan_lit.hydra_ddp import ddp_job
+from wgan_lit.distributed import OneRunDir, OneRunDirError, ddp_job
 
 CONF = REPO / "conf"
 PROBE = REPO / "tests" / "ddp_probe.py"
@@ -120,6 +121,26 @@ def test_a_ddp_job_leaves_no_process_group_or_launcher_variables_for_the_next(mo
     assert "MASTER_PORT" not in os.environ and "LOCAL_RANK" not in os.environ
 
 
+@pytest.mark.parametrize("same", [True, False])
+def test_ranks_started_separately_must_share_one_run_dir(tmp_path, monkeypatch, same):
+    # torchrun/srun start every rank themselves, and each resolves ${now:...} in hydra.run.dir on its own.
+    rank1_dir = str((tmp_path / ("a" if same else "b")).resolve())
+
+    def all_gather_object(out: list, obj: str) -> None:  # what rank 0 would receive from a 2-process group
+        out[:] = [obj, rank1_dir]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    check = OneRunDir(tmp_path / "a")
+    if same:
+        check.setup(SimpleNamespace(world_size=2), None, "fit")
+        return
+    with pytest.raises(OneRunDirError) as err:
+        check.setup(SimpleNamespace(world_size=2), None, "fit")
+    assert "chose different run directories" in str(err.value) and f"rank 1: {rank1_dir}" in str(err.value)
+    assert "hydra.run.dir=" in str(err.value)  # the fix
+
+
 # ---- real runs through the command line ---------------------------------------------------------------------
 
 
@@ -165,6 +186,7 @@ def test_ddp_ranks_hold_identical_parameters_after_training(ddp_sweep, job, clip
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["gen_step"] == r1["gen_step"] == 3 and r0["global_step"] == 3 * (2 + 1)  # critic + generator steps
     assert r0["end"] == r1["end"]  # critic and generator, bit for bit
+    assert r0["noise"] != r1["noise"]  # each rank generates its own fakes
     assert r0["end"]["critic"] != r0["start"]["critic"] and r0["end"]["generator"] != r0["start"]["generator"]
     assert r0["max_abs_critic"] <= clip + 1e-7 and r0["max_abs_critic"] > clip / 2  # clipped, to this job's c
 

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
 from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
 from wgan_lit.data import DataError, FashionMNISTDataModule
+from wgan_lit.distributed import NoisePerRank, OneRunDir, OneRunDirError, ddp_job
 from wgan_lit.hparams import HParamsSummary
-from wgan_lit.hydra_ddp import OneRunDir, OneRunDirError, ddp_job
 from wgan_lit.module import WGAN
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -62,6 +62,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     )
     callbacks: list[L.Callback] = [
         OneRunDir(run_dir),
+        NoisePerRank(cfg.seed),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="epoch{epoch:03d}-gen{gen_step:.0f}",

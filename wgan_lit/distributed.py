@@ -1,4 +1,7 @@
-"""Hydra and Lightning's DDP launcher: one output directory per run, also under ``-m`` and torchrun/srun.
+"""What a run needs under DDP beyond Lightning's strategy: one output directory per run, fresh noise per rank.
+
+Gradients are averaged by DDP itself (``trainer=ddp`` / ``ddp_cpu``). Every rank is seeded alike, so without
+:class:`NoisePerRank` all ranks would draw the same latent noise and their fake batches would be copies.
 
 Lightning starts ranks 1..N-1 of a node by re-running the command line (``sys.argv``) with
 ``hydra.run.dir=<HydraConfig().run.dir>`` appended, so those ranks write into rank 0's directory. That is right
@@ -19,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -85,3 +89,18 @@ class OneRunDir(L.Callback):
                 "itself. Give them one directory, e.g. hydra.run.dir=outputs/$SLURM_JOB_ID (srun) or "
                 "hydra.run.dir=outputs/run1 (torchrun)."
             )
+
+
+class NoisePerRank(L.Callback):
+    """Under DDP, reseed each rank's random numbers (the latent noise) from (seed, rank) at the start of training.
+
+    Parameters stay identical: they were initialised before this and DDP broadcasts rank 0's anyway. The data
+    shards come from the DistributedSampler, which has its own seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            torch.manual_seed(self.seed * 100_003 + trainer.global_rank)  # distinct per rank and per run seed
