@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -85,6 +85,13 @@ def test_slurm_launcher_option_composes():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 1)
     assert cfg.trainer.num_nodes == 2
+
+
+def test_sweep_and_run_dirs_carry_microseconds_so_sweeps_started_in_one_second_differ():
+    first, second = (make([], hydra=True).hydra for _ in range(2))
+    assert first.sweep.dir != second.sweep.dir and first.run.dir != second.run.dir
+    assert first.sweep.dir.rsplit("/", 1)[0] == second.sweep.dir.rsplit("/", 1)[0]  # same date folder
+    assert OmegaConf.to_container(first.sweep)["subdir"] == "${hydra.job.num}"  # one subdirectory per job
 
 
 # ---- Hydra and Lightning's DDP launcher -------------------------------------------------------------------

@@ -53,7 +53,7 @@ def ddp_job() -> Iterator[None]:
     process group or launcher variables behind for the next job of a sweep (which then launches its own)."""
     relaunch_ranks_as_this_job()
     env_before = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
-    had_group = dist.is_available() and dist.is_initialized()  # torchrun/srun: the ranks' group outlives jobs
+    had_group = dist.is_available() and dist.is_initialized()  # a group from before this job is not ours
     try:
         yield
     finally:
