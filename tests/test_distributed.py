@@ -44,6 +44,12 @@ def make(overrides: list[str], hydra: bool = False):
 # ---- the trainer options -------------------------------------------------------------------------------
 
 
+def test_default_trainer_is_one_device():
+    # devices=auto on a multi-GPU machine would make Lightning pick plain "ddp", which fails on the second step.
+    t = validate(make([])).trainer
+    assert (t.accelerator, t.devices, t.strategy) == ("auto", 1, "auto")
+
+
 def test_gpu_option_is_one_device_with_selectable_precision():
     t = validate(make(["trainer=gpu", "trainer.precision=bf16-mixed"])).trainer
     assert (t.accelerator, t.devices, t.precision, t.max_epochs) == ("gpu", 1, "bf16-mixed", 5)

@@ -55,7 +55,7 @@ class TrainerConfig:
     """Keyword arguments of ``lightning.Trainer``; ``conf/trainer/*.yaml`` override a few each."""
 
     accelerator: str = "auto"
-    devices: Any = "auto"
+    devices: Any = 1  # trainer=ddp for all GPUs (plain "auto" would pick DDP without find_unused_parameters)
     strategy: str = "auto"
     num_nodes: int = 1
     precision: Any = "32-true"
