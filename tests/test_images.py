@@ -27,6 +27,7 @@ from wgan_lit.images import (
     ImageFolderDataModule,
     SkippedFilesWarning,
     build_cache,
+    cache_key,
     decode_image,
     ensure_cache,
     open_cache,
@@ -250,6 +251,17 @@ def test_cache_is_rebuilt_when_a_setting_changes(celeba, change):
     assert other.images.shape != base.images.shape or not torch.equal(other.images, base.images)
 
 
+def test_the_key_covers_every_setting_and_the_file_list(celeba):
+    source = celeba / "celeba" / "img_align_celeba"
+    files = sorted(source.glob("*"))
+    base = CacheSpec("celeba", "train", 32, 0)
+    variants = [CacheSpec("folder", "train", 32, 0), CacheSpec("celeba", "test", 32, 0),
+                CacheSpec("celeba", "train", 64, 0), CacheSpec("celeba", "train", 32, 30),
+                CacheSpec("celeba", "train", 32, 0, format_version=0)]
+    keys = {cache_key(source, files, s) for s in [base, *variants]} | {cache_key(source, files[1:], base)}
+    assert len(keys) == len(variants) + 2
+
+
 def test_cache_dir_setting(celeba, tmp_path):
     dm = module(celeba, cache_dir=str(tmp_path / "elsewhere"))
     assert dm.cache_file.parent == tmp_path / "elsewhere" and not (celeba / ".wgan_cache").exists()
@@ -271,6 +283,7 @@ dm.prepare_data()
 """
 
 
+@pytest.mark.slow
 def test_a_build_killed_half_way_is_never_used_and_is_cleaned_up(celeba):
     cache = celeba / ".wgan_cache"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
