@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
+from PIL import Image, ImageOps
 
 import wgan_lit.images as images_mod
 from wgan_lit.config import ConfigError, register_configs, validate
@@ -124,6 +124,18 @@ def test_files_listed_in_the_partition_but_absent_are_named_in_one_warning(celeb
     with pytest.warns(SkippedFilesWarning, match=r"1 of the 34 images .* missing .*000007\.jpg"):
         dm = module(celeba)
     assert len(dm.images) == 32
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.fromarray(picture(0, w=60, h=40))  # landscape pixels...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...stored rotated: viewers turn it 90 degrees
+    img.save(tmp_path / "rotated.jpg", exif=exif)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "rotated.jpg")).convert("RGB"))
+    assert upright.shape == (60, 40, 3)
+    Image.fromarray(upright).save(tmp_path / "upright.png")  # lossless: the same pixels, no EXIF
+    rotated, expected = decode_image(tmp_path / "rotated.jpg", 40), decode_image(tmp_path / "upright.png", 40)
+    assert np.array_equal(rotated, expected)
 
 
 def test_gray_palette_and_rgba_images_become_rgb(celeba):
@@ -328,24 +340,29 @@ def test_parallel_build_equals_serial_build(celeba, tmp_path, monkeypatch):
     assert np.array_equal(np.load(tmp_path / "serial.npy"), np.load(tmp_path / "parallel.npy"))
 
 
-def test_concurrent_callers_build_once(celeba, monkeypatch):
+def test_concurrent_processes_build_once(celeba, tmp_path, monkeypatch):
+    """Like DDP ranks that all call prepare_data/setup: one process decodes, the others wait and reuse it."""
     source = celeba / "celeba" / "img_align_celeba"
     files = sorted(source.glob("*.jpg"))[:10]
-    calls = []
+    log = tmp_path / "decoded.log"
     real = images_mod.decode_image
-    def counted(*args, **kwargs):
-        calls.append(1)
+    def logged(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
         time.sleep(0.02)
         return real(*args, **kwargs)
-    monkeypatch.setattr(images_mod, "decode_image", counted)
-    spec, results = CacheSpec("celeba", "all", 32, 0), []
-    build = lambda: results.append(ensure_cache(files, source, spec, celeba / "c"))
-    threads = [threading.Thread(target=build) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == len(files) and len(set(results)) == 1 and results[0].is_file()
+    monkeypatch.setattr(images_mod, "decode_image", logged)
+    spec = CacheSpec("celeba", "all", 32, 0)
+    ctx = multiprocessing.get_context("fork")  # children inherit the patched decoder
+    procs = [ctx.Process(target=ensure_cache, args=(files, source, spec, celeba / "c")) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    decoders = log.read_text().split()
+    assert len(decoders) == len(files) and len(set(decoders)) == 1  # one process decoded each file once
+    assert len(cache_files(celeba / "c")) == 1
 
 
 def test_dataloader_workers_and_pickled_dataset(celeba):

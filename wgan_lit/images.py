@@ -20,6 +20,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -159,7 +160,7 @@ def decode_image(path: str | Path, image_size: int, center_crop: int = 0) -> np.
     the largest one, which for CelebA's 178x218 faces equals torchvision's ``Resize(S) + CenterCrop(S)``.
     """
     with Image.open(path) as image:
-        rgb = to_rgb(image)
+        rgb = to_rgb(ImageOps.exif_transpose(image))  # photos from cameras and phones stand upright
         side = min(rgb.size)
         crop = min(center_crop, side) if center_crop > 0 else side
         rgb = TF.center_crop(rgb, [crop, crop])
@@ -224,8 +225,11 @@ def _decoded(files: list[Path], image_size: int, center_crop: int, workers: int
             yield _decode_or_reason(f, image_size, center_crop)
         return
     work = partial(_decode_or_reason, image_size=image_size, center_crop=center_crop)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
         yield from pool.map(work, files, chunksize=max(1, min(256, len(files) // (8 * workers))))
+    finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C, stop now rather than after decoding every file
 
 
 def build_cache(files: list[Path], path: Path, spec: CacheSpec, source: Path, workers: int = 0) -> dict:
@@ -234,7 +238,7 @@ def build_cache(files: list[Path], path: Path, spec: CacheSpec, source: Path, wo
     Files that cannot be decoded are left out, with one SkippedFilesWarning. ``workers`` = processes
     (0: one per available core).
     """
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or _cpu_count()
     s = spec.image_size
     item = 3 * s * s
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -244,14 +248,15 @@ def build_cache(files: list[Path], path: Path, spec: CacheSpec, source: Path, wo
         with open(tmp, "wb") as f:
             f.truncate(_NPY_HEADER_BYTES + len(files) * item)
         out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=_NPY_HEADER_BYTES, shape=(len(files), 3, s, s))
-        results = _decoded(files, s, spec.center_crop, workers)
-        for f, result in zip(files, tqdm(results, total=len(files), desc=f"Caching {spec.dataset} at {s}px",
-                                         unit="img", mininterval=1.0), strict=True):
-            if isinstance(result, str):
-                skipped.append((f.relative_to(source).as_posix(), result))
-            else:
-                out[n] = result
-                n += 1
+        with closing(_decoded(files, s, spec.center_crop, workers)) as results:
+            progress = tqdm(results, total=len(files), desc=f"Caching {spec.dataset} at {s}px", unit="img",
+                            mininterval=1.0)
+            for f, result in zip(files, progress, strict=True):
+                if isinstance(result, str):
+                    skipped.append((f.relative_to(source).as_posix(), result))
+                else:
+                    out[n] = result
+                    n += 1
         out.flush()
         del out
         if n == 0:
@@ -291,11 +296,23 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    """Make a rename durable (POSIX); not possible, nor needed, on Windows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    return os.cpu_count() or 1
 
 
 def ensure_cache(files: list[Path], source: Path, spec: CacheSpec, cache_dir: Path, workers: int = 0) -> Path:
