@@ -281,6 +281,21 @@ def test_cache_dir_setting(celeba, tmp_path):
     assert '"images": 33' in manifest and "000040.jpg" in manifest
 
 
+def test_an_unwritable_cache_dir_is_one_clear_error(celeba, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match=r"Cannot write the decoded-image cache in .*a_file.*data.cache_dir="):
+        CelebADataModule(root=str(celeba), cache_dir=str(tmp_path / "a_file")).prepare_data()
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_partial_file(celeba, monkeypatch):
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(images_mod.os, "fsync", no_space)
+    with pytest.raises(DataError, match="No space left on device.*data.cache_dir=ANOTHER_FOLDER"):
+        CelebADataModule(root=str(celeba)).prepare_data()
+    assert not list((celeba / ".wgan_cache").glob("*.npy*"))
+
+
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path

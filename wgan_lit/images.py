@@ -240,30 +240,26 @@ def build_cache(files: list[Path], path: Path, spec: CacheSpec, source: Path, wo
     """
     workers = workers or _cpu_count()
     s = spec.image_size
-    item = 3 * s * s
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     skipped: list[tuple[str, str]] = []
     n = 0
     try:
+        # Written in order (not through a memmap), so a full disk raises OSError instead of killing us with SIGBUS.
         with open(tmp, "wb") as f:
-            f.truncate(_NPY_HEADER_BYTES + len(files) * item)
-        out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=_NPY_HEADER_BYTES, shape=(len(files), 3, s, s))
-        with closing(_decoded(files, s, spec.center_crop, workers)) as results:
-            progress = tqdm(results, total=len(files), desc=f"Caching {spec.dataset} at {s}px", unit="img",
-                            mininterval=1.0)
-            for f, result in zip(files, progress, strict=True):
-                if isinstance(result, str):
-                    skipped.append((f.relative_to(source).as_posix(), result))
-                else:
-                    out[n] = result
-                    n += 1
-        out.flush()
-        del out
-        if n == 0:
-            raise DataError(f"None of the {len(files)} image files under {source} could be decoded (e.g. "
-                            f"{skipped[0][0]}: {skipped[0][1]}); they are not images or are all corrupt.")
-        with open(tmp, "r+b") as f:
-            f.truncate(_NPY_HEADER_BYTES + n * item)  # the slots of skipped files were never filled
+            f.write(bytes(_NPY_HEADER_BYTES))  # the header goes here once the count of good images is known
+            with closing(_decoded(files, s, spec.center_crop, workers)) as results:
+                progress = tqdm(results, total=len(files), desc=f"Caching {spec.dataset} at {s}px", unit="img",
+                                mininterval=1.0)
+                for f_in, result in zip(files, progress, strict=True):
+                    if isinstance(result, str):
+                        skipped.append((f_in.relative_to(source).as_posix(), result))
+                    else:
+                        f.write(result.data)
+                        n += 1
+            if n == 0:
+                raise DataError(f"None of the {len(files)} image files under {source} could be decoded (e.g. "
+                                f"{skipped[0][0]}: {skipped[0][1]}); they are not images or are all corrupt.")
+            f.seek(0)
             f.write(_npy_header((n, 3, s, s)))
             f.flush()
             os.fsync(f.fileno())
@@ -272,6 +268,9 @@ def build_cache(files: list[Path], path: Path, spec: CacheSpec, source: Path, wo
         _write_atomically(path.with_suffix(".json"), json.dumps(manifest, indent=1).encode())
         os.replace(tmp, path)  # the finished name appears only now, complete
         _fsync_dir(path.parent)
+    except OSError as err:
+        raise DataError(f"Writing the decoded-image cache {path} failed ({err}); free some space there or set "
+                        "data.cache_dir=ANOTHER_FOLDER.") from err
     finally:
         tmp.unlink(missing_ok=True)
     if skipped:
@@ -409,7 +408,8 @@ class CachedImageDataModule(L.LightningDataModule):
         """(source folder, image files of the configured split)."""
         raise NotImplementedError
 
-    def ensure_cache(self) -> Path:
+    def prepare_cache(self) -> Path:
+        """The finished cache file of this data, built first if needed."""
         if self.cache_file is None or not self.cache_file.is_file():
             source, files = self.list_files()
             spec = CacheSpec(self.dataset, self.cache_split(), self.image_size, self.center_crop)
@@ -420,11 +420,11 @@ class CachedImageDataModule(L.LightningDataModule):
         return self.split
 
     def prepare_data(self) -> None:
-        self.ensure_cache()  # Lightning calls this on local rank 0 only; the lock covers every other caller
+        self.prepare_cache()  # Lightning calls this on local rank 0 only; the lock covers every other caller
 
     def setup(self, stage: str | None = None) -> None:
         if self.images is None:
-            self.images = open_cache(self.ensure_cache(), self.image_size)
+            self.images = open_cache(self.prepare_cache(), self.image_size)
 
     def train_dataloader(self) -> DataLoader:
         if self.images is None:
