@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 # Sizes the DCGAN pyramids can build: a 4x4 or 7x7 base doubled k times (7 * 2^2 = 28 is Fashion-MNIST).
 IMAGE_SIZES = tuple(sorted({b * 2**k for b in (4, 7) for k in range(2, 7)}))
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "celeba", "folder")
+DATA_SPLITS = {"fashion_mnist": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
+               "folder": ("train", "all")}  # a folder has no splits: both mean every image
 OPTIMIZERS = ("rmsprop", "adam")
 LOGGERS = ("tensorboard", "csv")
 
@@ -48,6 +50,8 @@ class DataConfig:
     num_workers: int = 0  # in-memory datasets need none
     download: bool = False  # fetch through torchvision when no local copy is found
     split: str = "train"
+    cache_dir: str = ""  # celeba/folder: where the decoded uint8 cache goes; "" = <root>/.wgan_cache
+    center_crop: int = 0  # celeba/folder: centred square cut before resizing; 0 = the largest (short side)
 
 
 @dataclass
@@ -103,6 +107,12 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("data.batch_size", d.batch_size, d.batch_size >= 1, "an integer >= 1 (the paper uses 64)"),
         ("data.image_size", d.image_size, d.image_size in IMAGE_SIZES, f"one of {IMAGE_SIZES}"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "an integer >= 0"),
+        ("data.split", d.split, d.split in DATA_SPLITS.get(d.name, (d.split,)),
+         f"one of {', '.join(DATA_SPLITS.get(d.name, ()))} for data.name={d.name}"),
+        ("data.center_crop", d.center_crop, d.center_crop >= 0,
+         "0 (the largest centred square) or a side in pixels"),
+        ("data.download", d.download, not d.download or d.name == "fashion_mnist",
+         "false: only fashion_mnist downloads; CelebA is fetched by hand (see the README)"),
         ("logger.name", lg.name, lg.name in LOGGERS, f"one of {', '.join(LOGGERS)}"),
         ("logger.log_every_n_gen_steps", lg.log_every_n_gen_steps, lg.log_every_n_gen_steps >= 1,
          "an integer >= 1"),

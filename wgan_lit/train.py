@@ -24,6 +24,7 @@ from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_confi
 from wgan_lit.data import DataError, FashionMNISTDataModule
 from wgan_lit.distributed import NoisePerRank, OneRunDir, OneRunDirError, ddp_job
 from wgan_lit.hparams import HParamsSummary
+from wgan_lit.images import CelebADataModule, ImageFolderDataModule
 from wgan_lit.module import WGAN
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -34,6 +35,12 @@ def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
         return FashionMNISTDataModule(
             root=cfg.root, batch_size=cfg.batch_size, image_size=cfg.image_size,
             num_workers=cfg.num_workers, download=cfg.download, split=cfg.split,
+        )
+    if cfg.name in ("celeba", "folder"):
+        images = CelebADataModule if cfg.name == "celeba" else ImageFolderDataModule
+        return images(
+            root=cfg.root, batch_size=cfg.batch_size, image_size=cfg.image_size, num_workers=cfg.num_workers,
+            split=cfg.split, center_crop=cfg.center_crop, cache_dir=cfg.cache_dir,
         )
     raise ConfigError(f"data.name={cfg.name!r} has no data module")
 
