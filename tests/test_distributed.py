@@ -25,7 +25,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tests.conftest import REPO, write_fake_fashion_mnist
 from wgan_lit.config import register_configs, validate
-from wgan_lit.distributed import OneRunDir, OneRunDirError, ddp_job
+from wgan_lit.distributed import NoisePerRank, OneRunDir, OneRunDirError, ddp_job
 
 CONF = REPO / "conf"
 PROBE = REPO / "tests" / "ddp_probe.py"
@@ -152,6 +152,21 @@ def test_ranks_started_separately_must_share_one_run_dir(tmp_path, monkeypatch, 
         check.setup(SimpleNamespace(world_size=2), None, "fit")
     assert "chose different run directories" in str(err.value) and f"rank 1: {rank1_dir}" in str(err.value)
     assert "hydra.run.dir=" in str(err.value)  # the fix
+
+
+def test_noise_per_rank_differs_by_rank_and_by_resume_point_and_leaves_single_device_runs_alone():
+    def noise_after(world_size: int, rank: int, gen_step: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        NoisePerRank(seed=0).on_train_start(SimpleNamespace(world_size=world_size, global_rank=rank),
+                                            SimpleNamespace(gen_step=gen_step))
+        return torch.randn(8)
+
+    assert not torch.equal(noise_after(2, 0, 0), noise_after(2, 1, 0))  # ranks differ
+    assert torch.equal(noise_after(2, 1, 0), noise_after(2, 1, 0))  # reproducible
+    assert not torch.equal(noise_after(2, 1, 0), noise_after(2, 1, 100))  # a resume does not replay the start
+    torch.manual_seed(0)
+    untouched = torch.randn(8)
+    assert torch.equal(noise_after(1, 0, 0), untouched)  # one device: the RNG is not touched
 
 
 # ---- real runs through the command line ---------------------------------------------------------------------

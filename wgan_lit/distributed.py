@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
@@ -92,10 +93,12 @@ class OneRunDir(L.Callback):
 
 
 class NoisePerRank(L.Callback):
-    """Under DDP, reseed each rank's random numbers (the latent noise) from (seed, rank) at the start of training.
+    """Under DDP, reseed each rank's random numbers (the latent noise) from (seed, rank, gen_step) when training
+    starts, so the ranks draw different noise, also after a resume (which restores one rank's RNG state on all).
 
     Parameters stay identical: they were initialised before this and DDP broadcasts rank 0's anyway. The data
-    shards come from the DistributedSampler, which has its own seed.
+    shards come from the distributed sampler, which has its own seed. Put it after any callback that restores
+    RNG states in ``on_train_start``.
     """
 
     def __init__(self, seed: int) -> None:
@@ -103,4 +106,6 @@ class NoisePerRank(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1:
-            torch.manual_seed(self.seed * 100_003 + trainer.global_rank)  # distinct per rank and per run seed
+            gen_step = int(getattr(pl_module, "gen_step", 0))
+            entropy = np.random.SeedSequence([self.seed, trainer.global_rank, gen_step]).generate_state(1)[0]
+            torch.manual_seed(int(entropy))  # seeds the CPU and every CUDA generator

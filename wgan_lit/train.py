@@ -69,7 +69,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     )
     callbacks: list[L.Callback] = [
         OneRunDir(run_dir),
-        NoisePerRank(cfg.seed),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="epoch{epoch:03d}-gen{gen_step:.0f}",
@@ -83,6 +82,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps))
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
+    callbacks.append(NoisePerRank(cfg.seed))  # after any callback that restores RNG states at train start
     callbacks += extra_callbacks
     logger = build_logger(cfg, run_dir)
     if isinstance(logger, TensorBoardLogger):
