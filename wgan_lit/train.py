@@ -8,20 +8,27 @@ Hydra's run directory, ``outputs/<date>/<time>/`` unless ``hydra.run.dir`` says 
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
+from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpointEvery, check_resumable
 from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
 from wgan_lit.data import DataError, FashionMNISTDataModule
-from wgan_lit.module import WGAN
+from wgan_lit.guards import DivergenceGuard, GracefulStop
+from wgan_lit.module import WGAN, DivergenceError
+from wgan_lit.resume import ExactResume
+from wgan_lit.timelapse import Timelapse
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -54,7 +61,11 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
         log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps,
         **dataclasses.asdict(cfg.model),
     )
+    if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts
+        check_resumable(cfg.ckpt_path, dict(model.hparams))
+    ckpt_dir = run_dir / "checkpoints"
     callbacks: list[L.Callback] = [
+        ExactResume(),  # first: it records the data position before any checkpoint of this batch is written
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="epoch{epoch:03d}-gen{gen_step:.0f}",
@@ -62,12 +73,18 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
             every_n_epochs=cfg.checkpoint_every_n_epochs,
             save_top_k=-1,  # periodic: keep every one
             save_last=True,
+            enable_version_counter=False,  # last.ckpt is also written by LastCheckpointEvery and GracefulStop
         ),
     ]
     if cfg.logger.sample_every_n_gen_steps > 0:
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps))
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
+    if cfg.checkpoint_every_n_gen_steps > 0:  # after GeneratorStepLimit: also saves when that stops the run
+        callbacks.append(LastCheckpointEvery(ckpt_dir, cfg.checkpoint_every_n_gen_steps))
+    callbacks += [GracefulStop(ckpt_dir), DivergenceGuard()]
+    if cfg.logger.timelapse and cfg.logger.sample_every_n_gen_steps > 0:
+        callbacks.append(Timelapse(run_dir))  # after SampleGrid, whose last frame it needs
 
     trainer = L.Trainer(
         **dataclasses.asdict(cfg.trainer),
@@ -77,9 +94,36 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         log_every_n_steps=1,  # the module logs on its own generator-step schedule
+        plugins=[AtomicCheckpointIO()],  # every checkpoint write is all-or-nothing
     )
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def resume_command(run_dir: str | Path, ckpt: str | Path) -> str:
+    """The command line that continues this run: its own overrides, then the checkpoint and the run dir."""
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
+    return " ".join(["python -m wgan_lit.train", *map(shlex.quote, overrides),
+                     shlex.quote(f"ckpt_path={ckpt}"), shlex.quote(f"hydra.run.dir={run_dir}")])
+
+
+def interrupted_message(run_dir: str | Path) -> str:
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "Interrupted before any checkpoint was written; nothing to resume."
+    step = torch.load(last, map_location="cpu", weights_only=False).get("wgan_counters", {}).get("gen_step")
+    return (f"Interrupted: saved {last} at generator step {step}.\n"
+            f"Resume with:\n  {resume_command(run_dir, last)}")
+
+
+def last_checkpoint_note(run_dir: str | Path) -> str:
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "No checkpoint had been written yet."
+    step = torch.load(last, map_location="cpu", weights_only=False).get("wgan_counters", {}).get("gen_step")
+    return f"Last good checkpoint: {last} (generator step {step}). To go on from it:\n  " \
+           f"{resume_command(run_dir, last)} model.lr_d=... model.lr_g=..."
 
 
 register_configs()
@@ -96,9 +140,15 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(config, run_dir)
-    except DataError as err:
+    except (DataError, CheckpointError) as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException as stop:  # Ctrl-C or SIGTERM: GracefulStop saved a checkpoint
+        print(interrupted_message(run_dir), file=sys.stderr)
+        sys.exit(stop.code)
+    except DivergenceError as err:
+        print(f"Error: {err}\n{last_checkpoint_note(run_dir)}", file=sys.stderr)
+        sys.exit(1)
     print(f"Run directory: {run_dir}")
     return metrics.get("W")
 
