@@ -82,14 +82,22 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
         raise CheckpointError(f"{what} {path}: is a folder, not a file. {hint}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path}: the file is empty (a write that never finished?). {hint}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CheckpointError(f"{what} {path}: not a PyTorch checkpoint (a .ckpt file is a zip archive; this "
+                              f"file starts with {magic!r}). {hint}")
     try:
         # weights_only, as Lightning loads it for resume: a file that fails here would fail there.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{what} {path}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else 'no details'}); the file is truncated, corrupt or "
-            f"not a checkpoint. {hint}"
+            f"{what} {path}: holds Python objects other than tensors and plain containers, so it was not "
+            f"written by wgan_lit ({str(err).splitlines()[-1][:200]}). {hint}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{what} {path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"the file is truncated or corrupt. {hint}"
         ) from err
     missing = [k for k in ("state_dict", "hyper_parameters") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -124,25 +132,34 @@ def check_resumable(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]
     return ckpt
 
 
-class LastCheckpointEvery(L.Callback):
-    """Write ``<dirpath>/last.ckpt`` every ``every_n_gen_steps`` generator steps and when training stops.
+class LastCheckpoint(L.Callback):
+    """Own ``<dirpath>/last.ckpt``: every N generator steps, when a run stops, and at epoch ends.
 
-    ModelCheckpoint's periodic files come at epoch ends; on Fashion-MNIST an epoch is ~187 generator steps
-    and on CelebA several thousand, so a crash could lose hours. This bounds the loss to N generator steps.
+    ModelCheckpoint's periodic files come at epoch ends; on Fashion-MNIST an epoch is ~187 generator steps and
+    on CelebA several thousand, so a crash could lose hours: the periodic write bounds that to N steps
+    (0 turns it off). When ``max_gen_steps`` stops a run mid-epoch the file is written at that batch, not at
+    the epoch end that follows: Lightning would take an epoch-end checkpoint as a finished epoch and number
+    the resumed epochs one higher than an uninterrupted run.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_gen_steps: int) -> None:
+    def __init__(self, dirpath: str | Path, every_n_gen_steps: int = 0) -> None:
         self.path = Path(dirpath) / "last.ckpt"
         self.every = every_n_gen_steps
-        self._saved_at = -1
+        self._saved_at: tuple[int, int] | None = None  # (gen_step, global_step) of the last write
 
-    def save(self, trainer: L.Trainer, gen_step: int) -> Path:
-        trainer.save_checkpoint(self.path)  # through the Trainer's (atomic) checkpoint IO; rank 0 writes
-        self._saved_at = gen_step
-        return self.path
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        key = (getattr(pl_module, "gen_step", 0), trainer.global_step)
+        if key != self._saved_at:
+            trainer.save_checkpoint(self.path)  # through the Trainer's atomic checkpoint IO; rank 0 writes
+            self._saved_at = key
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        step = pl_module.gen_step
-        if step != self._saved_at and (trainer.should_stop or (step > 0 and step % self.every == 0)):
-            self.save(trainer, step)
+        step = getattr(pl_module, "gen_step", 0)
+        due = self.every > 0 and step > 0 and step % self.every == 0
+        if trainer.should_stop or due:
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.should_stop:  # a stop mid-epoch was saved at its batch (see the class docstring)
+            self._save(trainer, pl_module)

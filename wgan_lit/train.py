@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
-from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpointEvery, check_resumable
+from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpoint, check_resumable
 from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
 from wgan_lit.data import DataError, FashionMNISTDataModule
 from wgan_lit.guards import DivergenceGuard, GracefulStop
@@ -72,17 +73,19 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
             auto_insert_metric_name=False,
             every_n_epochs=cfg.checkpoint_every_n_epochs,
             save_top_k=-1,  # periodic: keep every one
-            save_last=True,
-            enable_version_counter=False,  # last.ckpt is also written by LastCheckpointEvery and GracefulStop
+            save_last=False,  # last.ckpt is LastCheckpoint's and GracefulStop's (wgan_lit/checkpointing.py)
+            enable_version_counter=False,  # a resumed run re-saving an epoch file overwrites it
         ),
     ]
     if cfg.logger.sample_every_n_gen_steps > 0:
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps))
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
-    if cfg.checkpoint_every_n_gen_steps > 0:  # after GeneratorStepLimit: also saves when that stops the run
-        callbacks.append(LastCheckpointEvery(ckpt_dir, cfg.checkpoint_every_n_gen_steps))
-    callbacks += [GracefulStop(ckpt_dir), DivergenceGuard()]
+    callbacks += [  # LastCheckpoint after GeneratorStepLimit: it saves at the batch where that stops the run
+        LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps),
+        GracefulStop(ckpt_dir),
+        DivergenceGuard(),
+    ]
     if cfg.logger.timelapse and cfg.logger.sample_every_n_gen_steps > 0:
         callbacks.append(Timelapse(run_dir))  # after SampleGrid, whose last frame it needs
 
@@ -96,7 +99,11 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
         log_every_n_steps=1,  # the module logs on its own generator-step schedule
         plugins=[AtomicCheckpointIO()],  # every checkpoint write is all-or-nothing
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None)
+    with warnings.catch_warnings():
+        if hasattr(datamodule, "sampler"):  # a ResumableSampler: the data module restores its own position,
+            # which Lightning cannot see (wgan_lit/resume.py), so its warning about mid-epoch resumes is wrong
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
