@@ -150,7 +150,8 @@ class LastCheckpoint(L.Callback):
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         key = (getattr(pl_module, "gen_step", 0), trainer.global_step)
         if key != self._saved_at:
-            trainer.save_checkpoint(self.path)  # through the Trainer's atomic checkpoint IO; rank 0 writes
+            # Through the Trainer's atomic checkpoint IO (rank 0 writes); the full state, optimizers included.
+            trainer.save_checkpoint(self.path, weights_only=False)
             self._saved_at = key
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,

@@ -62,7 +62,7 @@ class GracefulStop(L.Callback):
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.saved is None:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved, self.gen_step = self.path, getattr(pl_module, "gen_step", None)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,

@@ -119,7 +119,7 @@ def interrupted_message(run_dir: str | Path) -> str:
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return "Interrupted before any checkpoint was written; nothing to resume."
-    step = torch.load(last, map_location="cpu", weights_only=False).get("wgan_counters", {}).get("gen_step")
+    step = torch.load(last, map_location="cpu", weights_only=True).get("wgan_counters", {}).get("gen_step")
     return (f"Interrupted: saved {last} at generator step {step}.\n"
             f"Resume with:\n  {resume_command(run_dir, last)}")
 
@@ -128,7 +128,7 @@ def last_checkpoint_note(run_dir: str | Path) -> str:
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return "No checkpoint had been written yet."
-    step = torch.load(last, map_location="cpu", weights_only=False).get("wgan_counters", {}).get("gen_step")
+    step = torch.load(last, map_location="cpu", weights_only=True).get("wgan_counters", {}).get("gen_step")
     return f"Last good checkpoint: {last} (generator step {step}). To go on from it:\n  " \
            f"{resume_command(run_dir, last)} model.lr_d=... model.lr_g=..."
 
