@@ -150,3 +150,10 @@ def test_resuming_with_another_architecture_names_each_mismatch(tmp_path, data, 
     assert "model.d_features: checkpoint has 8, the config gives 4" in msg
     assert "g_features" not in msg and str(last) in msg
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_resumed_run_takes_its_learning_rates_from_the_config_not_the_checkpoint(tmp_path, data, short_run):
+    # e.g. after a divergence: resume from the last good checkpoint with a lower rate
+    train(tiny_config(data, 4, ckpt_path=str(short_run / "checkpoints/last.ckpt"), lr_d=1e-5), tmp_path)
+    opt_g, opt_d = load(tmp_path / "checkpoints/last.ckpt")["optimizer_states"]
+    assert opt_d["param_groups"][0]["lr"] == 1e-5 and opt_g["param_groups"][0]["lr"] == 5e-5

@@ -116,6 +116,14 @@ class ExactResume(L.Callback):
         self._rng_to_restore = checkpoint.get(self.STATE_KEY)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning restores the optimizers' learning rates from the checkpoint; the config's win, so a
+        # resumed run can be given other rates (e.g. after a divergence). Unchanged config: the same rates.
+        hp = pl_module.hparams
+        if "lr_g" in hp and "lr_d" in hp and len(trainer.optimizers) == 2:
+            # configure_optimizers' order: generator, critic
+            for opt, lr in zip(trainer.optimizers, (hp.lr_g, hp.lr_d), strict=True):
+                for group in opt.param_groups:
+                    group["lr"] = lr
         # Here, after Lightning has built the dataloader and fetched the first batch, and before any noise is
         # drawn: the RNG then continues exactly where the checkpointed run left it.
         if self._rng_to_restore is None:
