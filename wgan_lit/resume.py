@@ -12,7 +12,7 @@ Lightning restores the weights, optimizer states, loop counters and the module's
   checkpoint and put back when training restarts.
 
 Under DDP Lightning wraps the sampler in a ``DistributedSamplerWrapper`` and the position is not restored
-(a resumed DDP run starts a fresh pass); weights, optimizers and counters still are.
+(a resumed DDP run repeats the interrupted pass from its start); weights, optimizers and counters still are.
 """
 
 from __future__ import annotations
