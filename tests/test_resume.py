@@ -157,3 +157,16 @@ def test_a_resumed_run_takes_its_learning_rates_from_the_config_not_the_checkpoi
     train(tiny_config(data, 4, ckpt_path=str(short_run / "checkpoints/last.ckpt"), lr_d=1e-5), tmp_path)
     opt_g, opt_d = load(tmp_path / "checkpoints/last.ckpt")["optimizer_states"]
     assert opt_d["param_groups"][0]["lr"] == 1e-5 and opt_g["param_groups"][0]["lr"] == 5e-5
+
+
+def test_a_missing_ckpt_path_is_rejected_with_the_config_before_hydra_writes_anything(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+    from wgan_lit.config import ConfigError, register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"ckpt_path={tmp_path}/gone.ckpt"])
+    with pytest.raises(ConfigError, match=r"ckpt_path='.*gone.ckpt': expected an existing checkpoint file"):
+        validate(cfg)

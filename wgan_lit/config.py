@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -117,6 +118,8 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
          "an integer >= 1"),
         ("checkpoint_every_n_gen_steps", c.checkpoint_every_n_gen_steps, c.checkpoint_every_n_gen_steps >= 0,
          "an integer >= 0 (0 turns the mid-epoch last.ckpt off)"),
+        ("ckpt_path", c.ckpt_path, c.ckpt_path == "" or Path(c.ckpt_path).is_file(),
+         "an existing checkpoint file, e.g. outputs/<date>/<time>/checkpoints/last.ckpt (or empty)"),
         ("trainer.max_epochs", c.trainer.max_epochs, c.trainer.max_epochs == -1 or c.trainer.max_epochs >= 1,
          "-1 (no limit) or an integer >= 1"),
     ]
