@@ -176,8 +176,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
             raise DataError(f"data.batch_size={self.batch_size} is larger than the dataset "
                             f"({len(self.images)} images); lower data.batch_size.")
         self.sampler = ResumableSampler(len(self.images))
-        if self._sampler_state is not None:
+        if self._sampler_state is not None:  # from a checkpoint being resumed; used once
             self.sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
         return DataLoader(
             InMemoryImages(self.images),
             batch_size=self.batch_size,

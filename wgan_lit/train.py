@@ -115,22 +115,28 @@ def resume_command(run_dir: str | Path, ckpt: str | Path) -> str:
                      shlex.quote(f"ckpt_path={ckpt}"), shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
-def interrupted_message(run_dir: str | Path) -> str:
+def _last_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
+    """The run's last.ckpt and its generator step, if it has one."""
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not last.is_file():
+        return None
+    return last, torch.load(last, map_location="cpu", weights_only=True)["wgan_counters"]["gen_step"]
+
+
+def interrupted_message(run_dir: str | Path) -> str:
+    if (found := _last_checkpoint(run_dir)) is None:
         return "Interrupted before any checkpoint was written; nothing to resume."
-    step = torch.load(last, map_location="cpu", weights_only=True).get("wgan_counters", {}).get("gen_step")
+    last, step = found
     return (f"Interrupted: saved {last} at generator step {step}.\n"
             f"Resume with:\n  {resume_command(run_dir, last)}")
 
 
 def last_checkpoint_note(run_dir: str | Path) -> str:
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    if (found := _last_checkpoint(run_dir)) is None:
         return "No checkpoint had been written yet."
-    step = torch.load(last, map_location="cpu", weights_only=True).get("wgan_counters", {}).get("gen_step")
-    return f"Last good checkpoint: {last} (generator step {step}). To go on from it:\n  " \
-           f"{resume_command(run_dir, last)} model.lr_d=... model.lr_g=..."
+    last, step = found
+    return (f"Last good checkpoint: {last} (generator step {step}). To go on from it:\n  "
+            f"{resume_command(run_dir, last)} model.lr_d=... model.lr_g=...")
 
 
 register_configs()
