@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -73,6 +74,7 @@ class LoggerConfig:
     name: str = "tensorboard"
     log_every_n_gen_steps: int = 10  # scalars, x axis = generator steps
     sample_every_n_gen_steps: int = 100  # image grid of the fixed noise batch; 0 turns it off
+    timelapse: bool = True  # at the end of a run: samples/gen_*.png -> timelapse.gif (+ TensorBoard)
 
 
 @dataclass
@@ -84,6 +86,8 @@ class TrainConfig:
     seed: int = 0
     max_gen_steps: int = -1  # stop after this many generator updates; -1 = bound by trainer.max_epochs only
     checkpoint_every_n_epochs: int = 1  # periodic checkpoints; last.ckpt is always kept
+    checkpoint_every_n_gen_steps: int = 500  # also rewrite last.ckpt this often (crash safety); 0 = off
+    ckpt_path: str = ""  # resume exactly from this checkpoint (e.g. <run>/checkpoints/last.ckpt)
 
 
 class ConfigError(ValueError):
@@ -122,6 +126,10 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
          "-1 (no limit) or an integer >= 1"),
         ("checkpoint_every_n_epochs", c.checkpoint_every_n_epochs, c.checkpoint_every_n_epochs >= 1,
          "an integer >= 1"),
+        ("checkpoint_every_n_gen_steps", c.checkpoint_every_n_gen_steps, c.checkpoint_every_n_gen_steps >= 0,
+         "an integer >= 0 (0 turns the mid-epoch last.ckpt off)"),
+        ("ckpt_path", c.ckpt_path, c.ckpt_path == "" or Path(c.ckpt_path).is_file(),
+         "an existing checkpoint file, e.g. outputs/<date>/<time>/checkpoints/last.ckpt (or empty)"),
         ("trainer.max_epochs", c.trainer.max_epochs, c.trainer.max_epochs == -1 or c.trainer.max_epochs >= 1,
          "-1 (no limit) or an integer >= 1"),
     ]
