@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -18,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 # Sizes the DCGAN pyramids can build: a 4x4 or 7x7 base doubled k times (7 * 2^2 = 28 is Fashion-MNIST).
 IMAGE_SIZES = tuple(sorted({b * 2**k for b in (4, 7) for k in range(2, 7)}))
-DATASETS = ("fashion_mnist",)
+DATASETS = ("fashion_mnist", "celeba", "folder")
+DATA_SPLITS = {"fashion_mnist": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
+               "folder": ("train", "all")}  # a folder has no splits: both mean every image
 OPTIMIZERS = ("rmsprop", "adam")
 LOGGERS = ("tensorboard", "csv")
 
@@ -52,6 +55,8 @@ class DataConfig:
     num_workers: int = 0  # in-memory datasets need none
     download: bool = False  # fetch through torchvision when no local copy is found
     split: str = "train"
+    cache_dir: str = ""  # celeba/folder: where the decoded uint8 cache goes; "" = <root>/.wgan_cache
+    center_crop: int = 0  # celeba/folder: centred square cut before resizing; 0 = the largest (short side)
     device_resident: bool = False  # GPU: keep the uint8 images on the device and index batches there
 
 
@@ -60,7 +65,7 @@ class TrainerConfig:
     """Keyword arguments of ``lightning.Trainer``; ``conf/trainer/*.yaml`` override a few each."""
 
     accelerator: str = "auto"
-    devices: Any = "auto"
+    devices: Any = 1  # trainer=ddp for all GPUs (plain "auto" would pick DDP without find_unused_parameters)
     strategy: str = "auto"
     num_nodes: int = 1
     precision: Any = "32-true"
@@ -75,6 +80,7 @@ class LoggerConfig:
     name: str = "tensorboard"
     log_every_n_gen_steps: int = 10  # scalars, x axis = generator steps
     sample_every_n_gen_steps: int = 100  # image grid of the fixed noise batch; 0 turns it off
+    timelapse: bool = True  # at the end of a run: samples/gen_*.png -> timelapse.gif (+ TensorBoard)
 
 
 @dataclass
@@ -86,6 +92,8 @@ class TrainConfig:
     seed: int = 0
     max_gen_steps: int = -1  # stop after this many generator updates; -1 = bound by trainer.max_epochs only
     checkpoint_every_n_epochs: int = 1  # periodic checkpoints; last.ckpt is always kept
+    checkpoint_every_n_gen_steps: int = 500  # also rewrite last.ckpt this often (crash safety); 0 = off
+    ckpt_path: str = ""  # resume exactly from this checkpoint (e.g. <run>/checkpoints/last.ckpt)
     # torch.set_num_threads; 0 = torch's default (one per core). On a CPU shared with other jobs, 1 avoids
     # OpenMP threads spin-waiting for a core (measured up to 10x slower with 2 threads; README "Speed").
     cpu_threads: int = 0
@@ -112,6 +120,12 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("data.batch_size", d.batch_size, d.batch_size >= 1, "an integer >= 1 (the paper uses 64)"),
         ("data.image_size", d.image_size, d.image_size in IMAGE_SIZES, f"one of {IMAGE_SIZES}"),
         ("data.num_workers", d.num_workers, d.num_workers >= 0, "an integer >= 0"),
+        ("data.split", d.split, d.split in DATA_SPLITS.get(d.name, (d.split,)),
+         f"one of {', '.join(DATA_SPLITS.get(d.name, ()))} for data.name={d.name}"),
+        ("data.center_crop", d.center_crop, d.center_crop >= 0,
+         "0 (the largest centred square) or a side in pixels"),
+        ("data.download", d.download, not d.download or d.name == "fashion_mnist",
+         "false: only fashion_mnist downloads; CelebA is fetched by hand (see the README)"),
         ("data.num_workers", d.num_workers, not (d.device_resident and d.num_workers > 0),
          "0 with data.device_resident=true (worker processes cannot index GPU tensors)"),
         ("logger.name", lg.name, lg.name in LOGGERS, f"one of {', '.join(LOGGERS)}"),
@@ -123,6 +137,10 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
          "-1 (no limit) or an integer >= 1"),
         ("checkpoint_every_n_epochs", c.checkpoint_every_n_epochs, c.checkpoint_every_n_epochs >= 1,
          "an integer >= 1"),
+        ("checkpoint_every_n_gen_steps", c.checkpoint_every_n_gen_steps, c.checkpoint_every_n_gen_steps >= 0,
+         "an integer >= 0 (0 turns the mid-epoch last.ckpt off)"),
+        ("ckpt_path", c.ckpt_path, c.ckpt_path == "" or Path(c.ckpt_path).is_file(),
+         "an existing checkpoint file, e.g. outputs/<date>/<time>/checkpoints/last.ckpt (or empty)"),
         ("cpu_threads", c.cpu_threads, c.cpu_threads >= 0, "an integer >= 0 (0 = one thread per core)"),
         ("trainer.max_epochs", c.trainer.max_epochs, c.trainer.max_epochs == -1 or c.trainer.max_epochs >= 1,
          "-1 (no limit) or an integer >= 1"),

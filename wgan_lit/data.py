@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from wgan_lit.resume import ResumableSampler
+
 # Debian/Ubuntu: apt-get install dataset-fashion-mnist
 SYSTEM_DIRS: list[Path] = [Path("/usr/share/datasets/fashion-mnist")]
 SPLIT_PREFIX = {"train": "train", "test": "t10k"}
@@ -158,6 +160,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.num_workers, self.download, self.split = num_workers, download, split
         self.device_resident = device_resident
         self.images: torch.Tensor | None = None
+        self.sampler: ResumableSampler | None = None  # its state is checkpointed: see wgan_lit/resume.py
+        self._sampler_state: dict | None = None
 
     def prepare_data(self) -> None:
         locate_fashion_mnist(self.root, self.split, self.download)
@@ -179,10 +183,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
         if len(self.images) < self.batch_size:
             raise DataError(f"data.batch_size={self.batch_size} is larger than the dataset "
                             f"({len(self.images)} images); lower data.batch_size.")
+        self.sampler = ResumableSampler(len(self.images))
+        if self._sampler_state is not None:  # from a checkpoint being resumed; used once
+            self.sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
         return DataLoader(
             InMemoryImages(self.images),
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self.sampler,  # shuffles like shuffle=True, but a resumed run continues the same order
+            generator=torch.Generator(),  # worker seeds drawn from here leave the global RNG to the noise
             drop_last=True,  # every critic step sees a full batch of m images, as in the paper
             collate_fn=pass_through,
             num_workers=self.num_workers,
@@ -192,3 +201,9 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         return to_unit_range(batch)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._sampler_state = state_dict.get("sampler")  # applied when the dataloader is built

@@ -17,6 +17,14 @@ import torch
 from wgan_lit.networks import Critic, Generator
 
 
+class DivergenceError(RuntimeError):
+    """A loss or a weight became NaN or inf; the message names the generator step."""
+
+    def __init__(self, message: str, gen_step: int) -> None:
+        super().__init__(message)
+        self.gen_step = gen_step
+
+
 def critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
     """E[D(G(z))] - E[D(x)]: minimising it maximises the Wasserstein estimate E[D(x)] - E[D(G(z))]."""
     return fake_scores.mean() - real_scores.mean()
@@ -71,6 +79,11 @@ class WGAN(L.LightningModule):
         fixed = torch.randn(n_fixed_samples, latent_dim, generator=torch.Generator().manual_seed(fixed_noise_seed))
         self.register_buffer("fixed_noise", fixed)
         self.gen_step = 0  # generator updates done
+        # Divergence guard, kept on the device so it costs no sync per step: whether every loss so far was
+        # finite, and how many generator steps completed with only finite losses. Read at log points and
+        # before every checkpoint write (check_finite).
+        self.register_buffer("_all_finite", torch.tensor(True), persistent=False)
+        self.register_buffer("_finite_gen_steps", torch.tensor(0), persistent=False)
         self.critic_step_in_iter = 0  # critic updates done since the last generator update
 
     # ---- the algorithm -------------------------------------------------------------------------------
@@ -103,6 +116,7 @@ class WGAN(L.LightningModule):
             else:  # the seed projects' loop, one kernel launch per tensor (kept to measure the difference)
                 for p in self.critic.parameters():
                     p.data.clamp_(-self.hparams.clip_value, self.hparams.clip_value)
+        self._all_finite &= torch.isfinite(d_loss.detach())
         self.critic_step_in_iter += 1
 
         if self.critic_step_in_iter < self.critic_iters(self.gen_step):
@@ -112,6 +126,8 @@ class WGAN(L.LightningModule):
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
+        self._all_finite &= torch.isfinite(g_loss.detach())
+        self._finite_gen_steps += self._all_finite
         self.critic_step_in_iter = 0
         self.gen_step += 1
         self.log("gen_step", self.gen_step, prog_bar=True, logger=False)  # host int: no device sync
@@ -120,12 +136,33 @@ class WGAN(L.LightningModule):
 
     def _log_curves(self, d_loss: torch.Tensor, g_loss: torch.Tensor) -> None:
         # One device sync per log point, none in between.
-        values = torch.stack([d_loss.detach(), g_loss.detach()]).float().cpu().tolist()
+        values = torch.stack([d_loss.detach().float(), g_loss.detach().float(), self._all_finite.float(),
+                              self._finite_gen_steps.float()]).cpu().tolist()
+        if not values[2]:
+            raise self._divergence(int(values[3]) + 1)
         metrics = {"critic/loss": values[0], "critic/wasserstein": -values[0], "generator/loss": values[1]}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.gen_step)
         # Also into callback_metrics (progress bar, checkpoint names); the loggers got them above.
         self.log("W", -values[0], prog_bar=True, logger=False)
+        self.log("g_loss", values[1], logger=False)  # final value goes to the HParams view (wgan_lit.hparams)
+
+    def _divergence(self, gen_step: int, what: str = "a critic or generator loss") -> DivergenceError:
+        return DivergenceError(
+            f"Training diverged: {what} became NaN or inf at generator step {gen_step}. The run was stopped; "
+            "checkpoints written before that step are kept and were not overwritten. Resume from the last "
+            "good one with lower learning rates (model.lr_d, model.lr_g) or a smaller model.clip_value.",
+            gen_step,
+        )
+
+    def check_finite(self) -> None:
+        """Raise DivergenceError unless every loss so far and every weight is finite (one device sync)."""
+        flags = torch.stack([self._all_finite.float(), self._finite_gen_steps.float(),
+                             *(torch.isfinite(p).all().float() for p in self.parameters())]).cpu().tolist()
+        if not flags[0]:
+            raise self._divergence(int(flags[1]) + 1)
+        if not all(flags[2:]):
+            raise self._divergence(self.gen_step, what="a network weight")
 
     @property
     def _critic_params(self) -> list[torch.Tensor]:

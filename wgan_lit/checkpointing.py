@@ -1,0 +1,166 @@
+"""Checkpoint files: written atomically, checked before they are used, saved every N generator steps.
+
+- :class:`AtomicCheckpointIO` is the Trainer's checkpoint plugin, so *every* checkpoint write
+  (ModelCheckpoint, the periodic ``last.ckpt``, the one saved on Ctrl-C) goes to a temporary file in the
+  same folder, is flushed and fsync'ed, then renamed over the target. A process killed mid-write leaves
+  the old file intact and at most a stray ``*.tmp-<pid>`` file, never a truncated ``last.ckpt``.
+- :func:`read_checkpoint` opens a file given for resume or generation and turns every way it can be wrong
+  (missing, a folder, truncated, not a checkpoint, not this project's) into one :class:`CheckpointError`
+  naming the file; :func:`architecture_mismatch` names each network setting that differs from the config.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+# Hyperparameters that fix the shapes of the saved tensors, with the config key a user would change.
+ARCHITECTURE_KEYS = {
+    "image_size": "data.image_size",
+    "channels": "the data set's channels (data.name)",
+    "latent_dim": "model.latent_dim",
+    "g_features": "model.g_features",
+    "d_features": "model.d_features",
+    "critic_batchnorm": "model.critic_batchnorm",
+    "n_fixed_samples": "model.n_fixed_samples",
+    "optimizer": "model.optimizer",  # the saved optimizer state only loads into the same optimizer
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and what to do."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to ``path`` through a fsync'ed temporary file and a rename: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # make the rename itself durable across a power cut
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # not possible on every OS (e.g. Windows); the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with local writes made atomic and durable (see module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote: fsspec's transaction
+        atomic_torch_save(checkpoint, path)
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a wgan_lit checkpoint on the CPU, or raise CheckpointError saying what is wrong with the file."""
+    path = Path(path)
+    hint = ("Pass a .ckpt file from a run's checkpoints/ folder, "
+            "e.g. outputs/<date>/<time>/checkpoints/last.ckpt")
+    if not path.exists():
+        raise CheckpointError(f"{what} {path}: no such file. {hint}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: is a folder, not a file. {hint}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path}: the file is empty (a write that never finished?). {hint}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CheckpointError(f"{what} {path}: not a PyTorch checkpoint (a .ckpt file is a zip archive; this "
+                              f"file starts with {magic!r}). {hint}")
+    try:
+        # weights_only, as Lightning loads it for resume: a file that fails here would fail there.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{what} {path}: holds Python objects other than tensors and plain containers, so it was not "
+            f"written by wgan_lit ({str(err).splitlines()[-1][:200]}). {hint}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{what} {path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"the file is truncated or corrupt. {hint}"
+        ) from err
+    missing = [k for k in ("state_dict", "hyper_parameters") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{what} {path}: a PyTorch file but not a wgan_lit training checkpoint "
+            f"(no {' or '.join(missing)}). {hint}"
+        )
+    if "generator.net.0.weight" not in ckpt["state_dict"]:
+        raise CheckpointError(f"{what} {path}: a Lightning checkpoint of another model (no WGAN generator "
+                              f"weights). {hint}")
+    return ckpt
+
+
+def architecture_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """One line per architecture hyperparameter whose saved value differs from the one wanted."""
+    return [
+        f"  {ARCHITECTURE_KEYS[k]}: checkpoint has {saved.get(k)!r}, the config gives {wanted[k]!r}"
+        for k in ARCHITECTURE_KEYS
+        if k in wanted and saved.get(k) != wanted[k]
+    ]
+
+
+def check_resumable(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Read ``path`` for ``trainer.fit(ckpt_path=...)`` and check it fits a model built with ``hparams``."""
+    ckpt = read_checkpoint(path, what="ckpt_path")
+    bad = architecture_mismatch(ckpt["hyper_parameters"], hparams)
+    if bad:
+        raise CheckpointError(
+            f"ckpt_path {path}: the checkpoint's networks do not match the config:\n" + "\n".join(bad) +
+            "\nResume with the settings the run was started with (its .hydra/config.yaml lists them)."
+        )
+    return ckpt
+
+
+class LastCheckpoint(L.Callback):
+    """Own ``<dirpath>/last.ckpt``: every N generator steps, when a run stops, and at epoch ends.
+
+    ModelCheckpoint's periodic files come at epoch ends; on Fashion-MNIST an epoch is ~187 generator steps and
+    on CelebA several thousand, so a crash could lose hours: the periodic write bounds that to N steps
+    (0 turns it off). When ``max_gen_steps`` stops a run mid-epoch the file is written at that batch, not at
+    the epoch end that follows: Lightning would take an epoch-end checkpoint as a finished epoch and number
+    the resumed epochs one higher than an uninterrupted run.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_gen_steps: int = 0) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every = every_n_gen_steps
+        self._saved_at: tuple[int, int] | None = None  # (gen_step, global_step) of the last write
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        key = (getattr(pl_module, "gen_step", 0), trainer.global_step)
+        if key != self._saved_at:
+            # Through the Trainer's atomic checkpoint IO (rank 0 writes); the full state, optimizers included.
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_at = key
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = getattr(pl_module, "gen_step", 0)
+        due = self.every > 0 and step > 0 and step % self.every == 0
+        if trainer.should_stop or due:
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.should_stop:  # a stop mid-epoch was saved at its batch (see the class docstring)
+            self._save(trainer, pl_module)
