@@ -142,34 +142,33 @@ def pass_through(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-class FashionMNISTDataModule(L.LightningDataModule):
+class InMemoryDataModule(L.LightningDataModule):
+    """Serves ``self.images`` (uint8 N x C x H x W, loaded by ``load_images``) in shuffled full batches.
+
+    The order comes from a :class:`ResumableSampler` whose position is checkpointed (``state_dict``), so a
+    resumed run continues the same pass over the data. Subclasses say where the images come from.
+    """
+
     channels = 1
 
-    def __init__(
-        self,
-        root: str = "data",
-        batch_size: int = 64,
-        image_size: int = 28,
-        num_workers: int = 0,
-        download: bool = False,
-        split: str = "train",
-        device_resident: bool = False,
-    ) -> None:
+    def __init__(self, batch_size: int, image_size: int, num_workers: int = 0,
+                 device_resident: bool = False) -> None:
         super().__init__()
-        self.root, self.batch_size, self.image_size = root, batch_size, image_size
-        self.num_workers, self.download, self.split = num_workers, download, split
+        self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
         self.device_resident = device_resident
         self.images: torch.Tensor | None = None
         self.sampler: ResumableSampler | None = None  # its state is checkpointed: see wgan_lit/resume.py
         self._sampler_state: dict | None = None
 
-    def prepare_data(self) -> None:
-        locate_fashion_mnist(self.root, self.split, self.download)
+    def load_images(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dataset(self) -> Dataset:
+        return InMemoryImages(self.images)
 
     def setup(self, stage: str | None = None) -> None:
         if self.images is None:
-            images, _ = load_fashion_mnist(*locate_fashion_mnist(self.root, self.split, download=False))
-            self.images = resize_uint8(images, self.image_size)
+            self.images = self.load_images()
         if self.device_resident and self.trainer is not None:
             # Each process (DDP rank) copies the uint8 images once to its own device; batches are then
             # indexed there, with no per-step host-to-device copy. A no-op on CPU.
@@ -188,7 +187,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             self.sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None
         return DataLoader(
-            InMemoryImages(self.images),
+            self.dataset(),
             batch_size=self.batch_size,
             sampler=self.sampler,  # shuffles like shuffle=True, but a resumed run continues the same order
             generator=torch.Generator(),  # worker seeds drawn from here leave the global RNG to the noise
@@ -207,3 +206,27 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._sampler_state = state_dict.get("sampler")  # applied when the dataloader is built
+
+
+class FashionMNISTDataModule(InMemoryDataModule):
+    channels = 1
+
+    def __init__(
+        self,
+        root: str = "data",
+        batch_size: int = 64,
+        image_size: int = 28,
+        num_workers: int = 0,
+        download: bool = False,
+        split: str = "train",
+        device_resident: bool = False,
+    ) -> None:
+        super().__init__(batch_size, image_size, num_workers, device_resident)
+        self.root, self.download, self.split = root, download, split
+
+    def prepare_data(self) -> None:
+        locate_fashion_mnist(self.root, self.split, self.download)
+
+    def load_images(self) -> torch.Tensor:
+        images, _ = load_fashion_mnist(*locate_fashion_mnist(self.root, self.split, download=False))
+        return resize_uint8(images, self.image_size)

@@ -25,17 +25,16 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from wgan_lit.data import DataError, InMemoryImages, pass_through, to_unit_range
+from wgan_lit.data import DataError, InMemoryDataModule, InMemoryImages
 
 log = logging.getLogger(__name__)
 
@@ -381,11 +380,11 @@ class CachedImages(InMemoryImages):
 # ------------------------------------------------------------------------------------------- data modules
 
 
-class CachedImageDataModule(L.LightningDataModule):
+class CachedImageDataModule(InMemoryDataModule):
     """RGB images from files, decoded once into a cache; subclasses say which files."""
 
     channels = 3
-    dataset = ""
+    dataset_name = ""
 
     def __init__(
         self,
@@ -396,13 +395,12 @@ class CachedImageDataModule(L.LightningDataModule):
         split: str = "train",
         center_crop: int = 0,
         cache_dir: str = "",
+        device_resident: bool = False,
     ) -> None:
-        super().__init__()
-        self.root, self.batch_size, self.image_size = root, batch_size, image_size
-        self.num_workers, self.split, self.center_crop = num_workers, split, center_crop
+        super().__init__(batch_size, image_size, num_workers, device_resident)
+        self.root, self.split, self.center_crop = root, split, center_crop
         self.cache_dir = Path(cache_dir) if cache_dir else Path(root) / ".wgan_cache"
         self.cache_file: Path | None = None
-        self.images: torch.Tensor | None = None
 
     def list_files(self) -> tuple[Path, list[Path]]:
         """(source folder, image files of the configured split)."""
@@ -412,7 +410,7 @@ class CachedImageDataModule(L.LightningDataModule):
         """The finished cache file of this data, built first if needed."""
         if self.cache_file is None or not self.cache_file.is_file():
             source, files = self.list_files()
-            spec = CacheSpec(self.dataset, self.cache_split(), self.image_size, self.center_crop)
+            spec = CacheSpec(self.dataset_name, self.cache_split(), self.image_size, self.center_crop)
             self.cache_file = ensure_cache(files, source, spec, self.cache_dir)
         return self.cache_file
 
@@ -422,35 +420,17 @@ class CachedImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         self.prepare_cache()  # Lightning calls this on local rank 0 only; the lock covers every other caller
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.images is None:
-            self.images = open_cache(self.prepare_cache(), self.image_size)
+    def load_images(self) -> torch.Tensor:
+        return open_cache(self.prepare_cache(), self.image_size)
 
-    def train_dataloader(self) -> DataLoader:
-        if self.images is None:
-            self.setup("fit")
-        if len(self.images) < self.batch_size:
-            raise DataError(f"data.batch_size={self.batch_size} is larger than the dataset "
-                            f"({len(self.images)} images); lower data.batch_size.")
-        return DataLoader(
-            CachedImages(self.cache_file, self.image_size, self.images),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,  # every critic step sees a full batch
-            collate_fn=pass_through,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
-        return to_unit_range(batch)
+    def dataset(self) -> Dataset:
+        return CachedImages(self.cache_file, self.image_size, self.images)  # workers reopen the memmap
 
 
 class CelebADataModule(CachedImageDataModule):
     """CelebA faces from ``<root>/celeba/img_align_celeba``; ``list_eval_partition.txt`` picks the split."""
 
-    dataset = "celeba"
+    dataset_name = "celeba"
 
     def list_files(self) -> tuple[Path, list[Path]]:
         return celeba_files(self.root, self.split)
@@ -459,7 +439,7 @@ class CelebADataModule(CachedImageDataModule):
 class ImageFolderDataModule(CachedImageDataModule):
     """Every image under ``root``, recursively: LSUN exports, your own photos. No splits: all files."""
 
-    dataset = "folder"
+    dataset_name = "folder"
 
     def list_files(self) -> tuple[Path, list[Path]]:
         return folder_files(self.root)

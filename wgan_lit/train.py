@@ -50,6 +50,7 @@ def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
         return images(
             root=cfg.root, batch_size=cfg.batch_size, image_size=cfg.image_size, num_workers=cfg.num_workers,
             split=cfg.split, center_crop=cfg.center_crop, cache_dir=cfg.cache_dir,
+            device_resident=cfg.device_resident,
         )
     raise ConfigError(f"data.name={cfg.name!r} has no data module")
 
