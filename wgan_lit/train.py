@@ -19,8 +19,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
+from wgan_lit.classifier import ClassifierError
 from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
 from wgan_lit.data import DataError, FashionMNISTDataModule
+from wgan_lit.metrics import sample_quality_callbacks
 from wgan_lit.module import WGAN
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -68,6 +70,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, float]:
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps))
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
+    # After GeneratorStepLimit: the last scoring sees its should_stop and scores the final model.
+    callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, run_dir / "checkpoints", datamodule)
 
     trainer = L.Trainer(
         **dataclasses.asdict(cfg.trainer),
@@ -96,7 +100,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         metrics = train(config, run_dir)
-    except DataError as err:
+    except (DataError, ClassifierError) as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"Run directory: {run_dir}")
