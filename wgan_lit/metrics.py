@@ -224,7 +224,7 @@ def normalized_entropy(counts: torch.Tensor) -> float:
     """Entropy of a histogram divided by log(number of bins): 1 = uniform, 0 = one bin."""
     p = counts.double() / counts.sum()
     p = p[p > 0]
-    return float(-(p * p.log()).sum() / math.log(len(counts)))
+    return float((p * p.reciprocal().log()).sum() / math.log(len(counts)))  # p log(1/p): never -0.0
 
 
 def notice(message: str) -> None:
@@ -355,23 +355,23 @@ def sample_quality_callbacks(
         SampleQualityCallback(make_scorer, mc.every_n_gen_steps, mc.n_samples, mc.seed)
     ]
     if mc.checkpoint_monitor:
-        # Lightning warns that, under manual optimization, such a checkpoint holds the state after the
-        # optimizer step: that is the state the scores were measured on, so the warning does not apply.
-        warnings.filterwarnings(
-            "ignore", message="Using ModelCheckpoint with manual optimization and every_n"
-        )
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=checkpoint_dir,
-                filename=f"best-gen{{gen_step:.0f}}-{mc.checkpoint_monitor}"
-                f"{{metrics/{mc.checkpoint_monitor}:.4f}}",
-                auto_insert_metric_name=False,
-                monitor=f"metrics/{mc.checkpoint_monitor}",
-                mode=SAMPLE_METRICS[mc.checkpoint_monitor],
-                save_top_k=1,
-                # Checked after every batch; it saves only when a new score beats the best (just scored).
-                every_n_train_steps=1,
-                save_last=False,
-            )
-        )
+        callbacks.append(best_checkpoint(checkpoint_dir, mc.checkpoint_monitor))
     return callbacks
+
+
+def best_checkpoint(dirpath: str | Path, metric: str) -> ModelCheckpoint:
+    """Keeps ``best-gen<N>-<metric><value>.ckpt``: the generator step that scored best on ``metric``."""
+    # Lightning warns that, under manual optimization, such a checkpoint holds the state after the
+    # optimizer step: that is the state the scores were measured on, so the warning does not apply.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n")
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename=f"best-gen{{gen_step:.0f}}-{metric}{{metrics/{metric}:.4f}}",
+        auto_insert_metric_name=False,
+        monitor=f"metrics/{metric}",
+        mode=SAMPLE_METRICS[metric],
+        save_top_k=1,
+        # Checked after every batch, but it saves only when a fresh score beats the best one.
+        every_n_train_steps=1,
+        save_last=False,
+    )
