@@ -77,6 +77,7 @@ def test_real_test_images_score_near_zero_with_full_coverage_and_noise_scores_fa
     real = train_stats.score(test_x)
     noise = train_stats.score(random_uint8(2000))
     assert real["coverage"] > 0.97  # the test set is balanced: 1000 images per class
+    assert all(0.07 < f < 0.13 for f in train_stats.class_fractions)
     assert real["fd_classifier"] < 0.02 * noise["fd_classifier"]
     assert abs(real["kid"]) < 0.01 * noise["kid"]
     assert noise["coverage"] < 0.5  # noise is not spread over the classes like clothing is
@@ -406,3 +407,14 @@ def test_evaluate_command_line(run_with_checkpoint):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["metrics"]["coverage"] >= 0
+
+
+def test_evaluate_reads_the_data_section_of_the_run(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(
+        "data:\n  name: fashion_mnist\n  root: /somewhere\n  image_size: 32\n  key_of_a_later_version: 1\n"
+    )
+    assert evaluate.run_data_config(ckpt, "").root == "/somewhere"
+    assert evaluate.run_data_config(ckpt, "/elsewhere").root == "/elsewhere"
+    assert evaluate.run_data_config(tmp_path / "x.ckpt", "").root == "data"  # not in a run directory

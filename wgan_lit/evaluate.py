@@ -163,17 +163,17 @@ def table(result: dict[str, Any]) -> str:
     for name, mode in SAMPLE_METRICS.items():
         better = "lower" if mode == "min" else "higher"
         if name in m:
-            note = f"+- {m[name + '_std']:.5f} over subsets" if name + "_std" in m else ""
-            rows.append(
-                (name, f"{m[name]:.5f}" if name.startswith("kid") else f"{m[name]:.4f}", better, note)
-            )
+            note = f"+- {m[name + '_std']:.4f} (std over KID subsets)" if name + "_std" in m else ""
+            rows.append((name, f"{m[name]:.4f}", better, note))
         else:
             rows.append((name, "n/a", better, result["skipped"].get(name, "not available for this data set")))
-    for cls, frac in result["class_fractions"].items():
-        rows.append((f"class {cls}", f"{frac:.4f}", "", "fraction of samples (0.1 each is uniform)"))
+    for i, (cls, frac) in enumerate(result["class_fractions"].items()):
+        rows.append(
+            (f"class {cls}", f"{frac:.4f}", "", "" if i else "share of the samples; 0.1 each = uniform")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
-    lines.insert(1, "-" * max(len(line) for line in lines))
+    lines.insert(1, "-" * (sum(widths) + 6 + len("notes")))
     head = (
         f"{result['checkpoint']} (generator step {result['gen_step']}): {result['n_samples']} samples, "
         f"seed {result['seed']}, vs {result['n_real']} real {result['data']} images"

@@ -199,7 +199,7 @@ class SampleQuality:
                 fid.update(chunk, real=False)
                 kid.update(chunk, real=False)
                 if name == "classifier":
-                    preds = self.classifier(to_unit_range(chunk)).argmax(1)
+                    preds = self.classifier.head(fid.inception(chunk)).argmax(1)  # the features just used
                     counts += torch.bincount(preds.cpu(), minlength=len(CLASSES))
             fid.inception.forget()
             kid.subset_size = min(self.kid_subset_size, self.n_real, len(fake))
