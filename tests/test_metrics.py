@@ -418,3 +418,23 @@ def test_evaluate_reads_the_data_section_of_the_run(tmp_path):
     assert evaluate.run_data_config(ckpt, "").root == "/somewhere"
     assert evaluate.run_data_config(ckpt, "/elsewhere").root == "/elsewhere"
     assert evaluate.run_data_config(tmp_path / "x.ckpt", "").root == "data"  # not in a run directory
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_0_scores_and_every_rank_logs_the_same(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "metrics_ddp_probe.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = sorted(
+        (json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line),
+        key=lambda r: r["rank"],
+    )
+    assert [(r["rank"], r["built"]) for r in results] == [(0, True), (1, False)]  # real statistics once
+    assert results[0]["metrics"] == results[1]["metrics"] and "metrics/fd_classifier" in results[0]["metrics"]
+    assert len(list((tmp_path / "ckpt").glob("best-gen*.ckpt"))) == 1
