@@ -233,6 +233,7 @@ def test_callback_logs_on_generator_steps_and_keeps_the_best_checkpoint(tmp_path
         callbacks=[GeneratorStepLimit(5), quality, best],
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=1,
     )
     trainer.fit(model, datamodule=RandomImages(n=400, batch_size=8))
     assert len(built) == 1  # real statistics once per run

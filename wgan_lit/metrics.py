@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,7 @@ class SampleQualityCallback(L.Callback):
 
     def __init__(
         self,
-        make_scorer: Any,
+        make_scorer: Callable[[torch.device], SampleQuality | None],
         every_n_gen_steps: int,
         n_samples: int = 5000,
         seed: int = 0,
