@@ -24,6 +24,9 @@ DATA_SPLITS = {"fashion_mnist": ("train", "test"), "celeba": ("train", "valid", 
                "folder": ("train", "all")}  # a folder has no splits: both mean every image
 OPTIMIZERS = ("rmsprop", "adam")
 LOGGERS = ("tensorboard", "csv")
+# Sample-quality metrics a best checkpoint can be chosen by, and which way is better (wgan_lit/metrics.py).
+SAMPLE_METRICS = {"fd_classifier": "min", "kid": "min", "coverage": "max", "fid_inception": "min",
+                  "kid_inception": "min"}
 
 
 @dataclass
@@ -84,6 +87,21 @@ class LoggerConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Sample-quality metrics during training (wgan_lit/metrics.py); conf/metrics/*.yaml."""
+
+    every_n_gen_steps: int = 0  # 0 = off; else every N generator steps, at step 0 and at the end
+    n_samples: int = 5000  # generated images per evaluation; distances shrink with more, so compare equal n
+    seed: int = 0  # the same noise every evaluation, so scores of different steps differ only by the model
+    classifier_path: str = ""  # "" = $WGAN_LIT_CACHE or ~/.cache/wgan_lit/fmnist_classifier.pt (built once)
+    inception: bool = True  # also Inception FID/KID when the weights are on disk (slow on a CPU)
+    inception_weights: str = ""  # torch-fidelity's weights file; "" = look in the torch hub cache
+    kid_subsets: int = 100  # KID = mean MMD^2 over this many random subsets (torchmetrics' defaults)
+    kid_subset_size: int = 1000  # capped at n_samples
+    checkpoint_monitor: str = "fd_classifier"  # keep checkpoints/best-*.ckpt by this metric; "" = don't
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -97,6 +115,7 @@ class TrainConfig:
     # torch.set_num_threads; 0 = torch's default (one per core). On a CPU shared with other jobs, 1 avoids
     # OpenMP threads spin-waiting for a core (measured up to 10x slower with 2 threads; README "Speed").
     cpu_threads: int = 0
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 class ConfigError(ValueError):
@@ -144,6 +163,20 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("cpu_threads", c.cpu_threads, c.cpu_threads >= 0, "an integer >= 0 (0 = one thread per core)"),
         ("trainer.max_epochs", c.trainer.max_epochs, c.trainer.max_epochs == -1 or c.trainer.max_epochs >= 1,
          "-1 (no limit) or an integer >= 1"),
+        *_metrics_rules(c.metrics),
+    ]
+
+
+def _metrics_rules(mc: MetricsConfig) -> list[tuple[str, Any, bool, str]]:
+    return [
+        ("metrics.every_n_gen_steps", mc.every_n_gen_steps, mc.every_n_gen_steps >= 0,
+         "an integer >= 0 (0 turns the sample-quality metrics off)"),
+        ("metrics.n_samples", mc.n_samples, mc.n_samples >= 2, "an integer >= 2 (5000 is usual)"),
+        ("metrics.kid_subsets", mc.kid_subsets, mc.kid_subsets >= 1, "an integer >= 1"),
+        ("metrics.kid_subset_size", mc.kid_subset_size, mc.kid_subset_size >= 2,
+         "an integer >= 2 (capped at metrics.n_samples)"),
+        ("metrics.checkpoint_monitor", mc.checkpoint_monitor, mc.checkpoint_monitor in ("", *SAMPLE_METRICS),
+         f"'' (none) or one of {', '.join(SAMPLE_METRICS)}"),
     ]
 
 

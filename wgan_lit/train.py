@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
+from wgan_lit.classifier import ClassifierError
 from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpoint, check_resumable
 from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
 from wgan_lit.data import DataError, FashionMNISTDataModule
@@ -31,6 +32,7 @@ from wgan_lit.distributed import NoisePerRank, OneRunDir, OneRunDirError, ddp_jo
 from wgan_lit.guards import DivergenceGuard, GracefulStop
 from wgan_lit.hparams import HParamsSummary
 from wgan_lit.images import CelebADataModule, ImageFolderDataModule
+from wgan_lit.metrics import sample_quality_callbacks
 from wgan_lit.module import WGAN, DivergenceError
 from wgan_lit.resume import ExactResume
 from wgan_lit.timelapse import Timelapse
@@ -99,6 +101,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps))
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
+    # After GeneratorStepLimit: the last scoring sees its should_stop and scores the final model.
+    callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, run_dir / "checkpoints", datamodule)
     callbacks += [  # LastCheckpoint after GeneratorStepLimit: it saves at the batch where that stops the run
         LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps),
         GracefulStop(ckpt_dir),
@@ -177,7 +181,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with ddp_job():  # DDP ranks > 0 re-run this job, not the whole sweep
             metrics = train(config, run_dir)
-    except (DataError, CheckpointError, OneRunDirError) as err:
+    except (DataError, CheckpointError, OneRunDirError, ClassifierError) as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
     except SIGTERMException as stop:  # Ctrl-C or SIGTERM: GracefulStop saved a checkpoint
