@@ -24,8 +24,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
-from wgan_lit.classifier import ClassifierError
 from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpoint, check_resumable
+from wgan_lit.classifier import ClassifierError
 from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
 from wgan_lit.data import DataError, FashionMNISTDataModule
 from wgan_lit.distributed import NoisePerRank, OneRunDir, OneRunDirError, ddp_job
