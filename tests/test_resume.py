@@ -170,3 +170,17 @@ def test_a_missing_ckpt_path_is_rejected_with_the_config_before_hydra_writes_any
         cfg = compose(config_name="train", overrides=[f"ckpt_path={tmp_path}/gone.ckpt"])
     with pytest.raises(ConfigError, match=r"ckpt_path='.*gone.ckpt': expected an existing checkpoint file"):
         validate(cfg)
+
+
+def test_a_stop_asked_by_any_callback_mid_epoch_is_saved_at_that_batch(tmp_path, data):
+    """trainer.max_time's Timer (like any callback after ours in the list) stops the run at a batch end."""
+    import lightning as L
+
+    class StopAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.gen_step == 3:
+                trainer.should_stop = True
+
+    c = tiny_config(data, max_gen_steps=-1)  # 4 generator steps per epoch: step 3 is mid-epoch
+    train(c, tmp_path / "run", extra_callbacks=[StopAt()])
+    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["wgan_counters"]["gen_step"] == 3

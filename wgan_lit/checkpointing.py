@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Hyperparameters that fix the shapes of the saved tensors, with the config key a user would change.
@@ -132,8 +133,11 @@ def check_resumable(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]
     return ckpt
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """Own ``<dirpath>/last.ckpt``: every N generator steps, when a run stops, and at epoch ends.
+
+    A ``Checkpoint`` subclass, so Lightning runs it after all other callbacks: it sees a stop that any of them
+    asks for at a batch (``max_gen_steps``, ``trainer.max_time``'s Timer) and saves that batch's state.
 
     ModelCheckpoint's periodic files come at epoch ends; on Fashion-MNIST an epoch is ~187 generator steps and
     on CelebA several thousand, so a crash could lose hours: the periodic write bounds that to N steps

@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
     # After GeneratorStepLimit: the last scoring sees its should_stop and scores the final model.
     callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, run_dir / "checkpoints", datamodule)
-    callbacks += [  # LastCheckpoint after GeneratorStepLimit: it saves at the batch where that stops the run
+    callbacks += [  # Lightning runs LastCheckpoint last, so it saves at the batch where any callback stops the run
         LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps),
         GracefulStop(ckpt_dir),
         DivergenceGuard(),
