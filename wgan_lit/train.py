@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
         ExactResume(),  # first: it records the data position before any checkpoint of this batch is written
         OneRunDir(run_dir),
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+            dirpath=ckpt_dir,
             filename="epoch{epoch:03d}-gen{gen_step:.0f}",
             auto_insert_metric_name=False,
             every_n_epochs=cfg.checkpoint_every_n_epochs,
@@ -102,7 +102,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
     # After GeneratorStepLimit: the last scoring sees its should_stop and scores the final model.
-    callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, run_dir / "checkpoints", datamodule)
+    callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, ckpt_dir, datamodule)
     callbacks += [  # Lightning runs LastCheckpoint last, so it saves at the batch where any callback stops the run
         LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps),
         GracefulStop(ckpt_dir),
