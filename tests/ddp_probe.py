@@ -1,8 +1,8 @@
 """``python tests/ddp_probe.py [overrides]``: the real command line plus a callback that reports what each rank saw.
 
-Every rank (Lightning re-runs this file for ranks > 0) writes ``<run dir>/probe/rank<R>.json`` with hashes of the
-critic and generator parameters before and after training, the data indices its sampler served, and its step
-counters. tests/test_ddp.py compares the ranks.
+Every rank (Lightning re-runs this file for ranks > 0) writes ``<run dir>/probe/rank<R>-<start step>.json``:
+hashes of the critic and generator parameters at the end, a fingerprint of every batch it trained on, a peek at
+its next noise when training starts, and its step counters. tests/test_train.py compares the ranks and runs.
 """
 
 from __future__ import annotations
@@ -28,19 +28,20 @@ def params_hash(module: torch.nn.Module) -> str:
 
 class Probe(L.Callback):
     def __init__(self) -> None:
-        self.report: dict[str, Any] = {}
+        self.report: dict[str, Any] = {"batches": []}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.report["start"] = {"critic": params_hash(pl_module.critic), "generator": params_hash(pl_module.generator)}
+        self.report["start_gen_step"] = pl_module.gen_step
+        dl = trainer.train_dataloader
+        inner = getattr(dl.batch_sampler, "sampler", dl.sampler)
+        self.report["sampler"] = [type(dl.sampler).__name__, type(dl.batch_sampler).__name__, type(inner).__name__,
+                                  getattr(inner, "epoch", None), getattr(inner, "seed", None)]
         with torch.random.fork_rng(devices=[]):  # a peek at this rank's next noise, without consuming it
             self.report["noise"] = pl_module.noise(2).flatten().tolist()
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if "indices" in self.report:
-            return  # the first epoch's shard is enough
-        sampler = trainer.train_dataloader.sampler
-        self.report["sampler"] = type(sampler).__name__
-        self.report["indices"] = [int(i) for i in sampler]
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: torch.Tensor, batch_idx: int) -> None:
+        # Images are distinct, so the sorted pixel sums of a batch identify which images it holds.
+        self.report["batches"].append(sorted(batch.flatten(1).sum(1).round(decimals=3).tolist()))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.report.update(
@@ -50,7 +51,8 @@ class Probe(L.Callback):
         )
         out = Path(trainer.default_root_dir) / "probe"
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.report))
+        name = f"rank{trainer.global_rank}-from{self.report['start_gen_step']}.json"
+        (out / name).write_text(json.dumps(self.report))
 
 
 def train_with_probe(*args: Any, _train: Any = cli.train, **kwargs: Any) -> dict[str, float]:

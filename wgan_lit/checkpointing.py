@@ -1,7 +1,7 @@
-"""Checkpoint files: written atomically, checked before they are used, saved every N generator steps.
+"""Checkpoint files: written atomically, and checked before they are used.
 
 - :class:`AtomicCheckpointIO` is the Trainer's checkpoint plugin, so *every* checkpoint write
-  (ModelCheckpoint, the periodic ``last.ckpt``, the one saved on Ctrl-C) goes to a temporary file in the
+  (ModelCheckpoint, ``last.ckpt`` of LastCheckpoint) goes to a temporary file in the
   same folder, is flushed and fsync'ed, then renamed over the target. A process killed mid-write leaves
   the old file intact and at most a stray ``*.tmp-<pid>`` file, never a truncated ``last.ckpt``.
 - :func:`read_checkpoint` opens a file given for resume or generation and turns every way it can be wrong
@@ -17,9 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Hyperparameters that fix the shapes of the saved tensors, with the config key a user would change.
@@ -63,7 +61,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO with local writes made atomic and durable (see module docstring)."""
+    """Lightning's torch checkpoint IO with local writes made atomic and durable (see module docstring).
+
+    Lightning 2.6's own ``_atomic_save`` stages the file through fsspec's ``tempfile.mkstemp()`` in /tmp and
+    ``shutil.move``s it: a copy, not a rename, when /tmp is another file system, and never fsync'ed.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
@@ -131,40 +133,3 @@ def check_resumable(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]
             "\nResume with the settings the run was started with (its .hydra/config.yaml lists them)."
         )
     return ckpt
-
-
-class LastCheckpoint(Checkpoint):
-    """Own ``<dirpath>/last.ckpt``: every N generator steps, when a run stops, and at epoch ends.
-
-    A ``Checkpoint`` subclass, so Lightning runs it after all other callbacks: it sees a stop that any of them
-    asks for at a batch (``max_gen_steps``, ``trainer.max_time``'s Timer) and saves that batch's state.
-
-    ModelCheckpoint's periodic files come at epoch ends; on Fashion-MNIST an epoch is ~187 generator steps and
-    on CelebA several thousand, so a crash could lose hours: the periodic write bounds that to N steps
-    (0 turns it off). When ``max_gen_steps`` stops a run mid-epoch the file is written at that batch, not at
-    the epoch end that follows: Lightning would take an epoch-end checkpoint as a finished epoch and number
-    the resumed epochs one higher than an uninterrupted run.
-    """
-
-    def __init__(self, dirpath: str | Path, every_n_gen_steps: int = 0) -> None:
-        self.path = Path(dirpath) / "last.ckpt"
-        self.every = every_n_gen_steps
-        self._saved_at: tuple[int, int] | None = None  # (gen_step, global_step) of the last write
-
-    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        key = (getattr(pl_module, "gen_step", 0), trainer.global_step)
-        if key != self._saved_at:
-            # Through the Trainer's atomic checkpoint IO (rank 0 writes); the full state, optimizers included.
-            trainer.save_checkpoint(self.path, weights_only=False)
-            self._saved_at = key
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        step = getattr(pl_module, "gen_step", 0)
-        due = self.every > 0 and step > 0 and step % self.every == 0
-        if trainer.should_stop or due:
-            self._save(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.should_stop:  # a stop mid-epoch was saved at its batch (see the class docstring)
-            self._save(trainer, pl_module)

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wgan_lit.data import DataError, load_fashion_mnist, locate_fashion_mnist, to_unit_range
+from wgan_lit.config import DataError
+from wgan_lit.data import to_unit_range
+from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
 
 CLASSES = (
     "T-shirt/top",

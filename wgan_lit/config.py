@@ -1,20 +1,22 @@
-"""Typed schemas for the Hydra configs in ``conf/`` and the checks Hydra's types cannot express.
+"""Typed schemas of the training config: the one home of every default, and the checks types cannot express.
 
-Hydra merges every YAML file and command-line override into these dataclasses, so a wrong *type*
-(``model.n_critic=abc``) or an unknown key fails while the config is composed. Wrong *values*
-(``model.n_critic=0``) are caught by :func:`validate`, which :class:`ValidateConfig` runs before Hydra
-creates the run directory, so a bad command line never leaves files behind.
+Hydra merges ``conf/`` and the command line into these dataclasses, so a wrong *type* (``model.n_critic=abc``)
+or an unknown key fails while the config is composed. Wrong *values* (``model.n_critic=0``) fail in
+:func:`validate`, which ``wgan_lit.cli`` runs before Hydra creates a run directory. The YAML files in ``conf/``
+state only what differs from the defaults here; ``trainer`` is open: any ``lightning.Trainer`` argument.
 """
 
 from __future__ import annotations
 
-import sys
+import difflib
+import inspect
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 # Sizes the DCGAN pyramids can build: a 4x4 or 7x7 base doubled k times (7 * 2^2 = 28 is Fashion-MNIST).
@@ -64,21 +66,6 @@ class DataConfig:
 
 
 @dataclass
-class TrainerConfig:
-    """Keyword arguments of ``lightning.Trainer``; ``conf/trainer/*.yaml`` override a few each."""
-
-    accelerator: str = "auto"
-    devices: Any = 1  # trainer=ddp for all GPUs (plain "auto" would pick DDP without find_unused_parameters)
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: Any = "32-true"
-    max_epochs: int = 5  # one bound on a run's length; see also max_gen_steps
-    deterministic: bool = False
-    enable_progress_bar: bool = True
-    max_time: str | None = None  # wall-clock bound "DD:HH:MM:SS", e.g. "00:00:15:00"; null = none
-
-
-@dataclass
 class LoggerConfig:
     name: str = "tensorboard"
     log_every_n_gen_steps: int = 10  # scalars, x axis = generator steps
@@ -105,7 +92,9 @@ class MetricsConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Any lightning.Trainer argument, passed on as given; conf/trainer/*.yaml set only what differs from
+    # Lightning's defaults. Checked against Trainer's signature and by building a Trainer (check_trainer).
+    trainer: dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     max_gen_steps: int = -1  # stop after this many generator updates; -1 = bound by trainer.max_epochs only
@@ -120,6 +109,10 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     """A config value that has the right type but is not allowed."""
+
+
+class DataError(RuntimeError):
+    """The data could not be found or read; the message says which file and how to fix it."""
 
 
 def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
@@ -161,8 +154,6 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("ckpt_path", c.ckpt_path, c.ckpt_path == "" or Path(c.ckpt_path).is_file(),
          "an existing checkpoint file, e.g. outputs/<date>/<time>/checkpoints/last.ckpt (or empty)"),
         ("cpu_threads", c.cpu_threads, c.cpu_threads >= 0, "an integer >= 0 (0 = one thread per core)"),
-        ("trainer.max_epochs", c.trainer.max_epochs, c.trainer.max_epochs == -1 or c.trainer.max_epochs >= 1,
-         "-1 (no limit) or an integer >= 1"),
         *_metrics_rules(c.metrics),
     ]
 
@@ -180,57 +171,67 @@ def _metrics_rules(mc: MetricsConfig) -> list[tuple[str, Any, bool, str]]:
     ]
 
 
+# Trainer arguments wgan_lit sets itself, and where a user changes what they control.
+TRAINER_OWN = {
+    "logger": "the logger group (logger=tensorboard or logger=csv)",
+    "callbacks": "the run's own callbacks (wgan_lit/callbacks.py)",
+    "default_root_dir": "hydra.run.dir",
+    "plugins": "wgan_lit's checkpoint IO",
+}
+
+
+def check_trainer(trainer: dict[str, Any]) -> list[str]:
+    """One line per ``trainer.*`` key that lightning.Trainer would not take, or [] when it builds."""
+    import lightning as L
+    import torch
+
+    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    bad = []
+    for key in trainer:
+        if key in TRAINER_OWN:
+            bad.append(f"trainer.{key}: set by wgan_lit; use {TRAINER_OWN[key]}")
+        elif key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean trainer.{near[0]}?" if near else ""
+            bad.append(f"trainer.{key}: not an argument of lightning.Trainer{hint}")
+    if bad:
+        return bad
+    if str(trainer.get("accelerator", "")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        return [f"trainer.accelerator={trainer['accelerator']}: no GPU is visible (torch.cuda.is_available() is "
+                "False); use trainer=cpu, or trainer=ddp_cpu for two CPU processes"]
+    # Lightning checks the values itself when a Trainer is built; building one writes nothing.
+    quiet = logging.getLogger("lightning.pytorch")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(**trainer, logger=False)
+    except Exception as err:  # noqa: BLE001 - Lightning raises ValueError, TypeError, MisconfigurationException
+        given = " ".join(f"trainer.{k}={v}" for k, v in trainer.items())
+        return [f"lightning.Trainer refused {given}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"]
+    finally:
+        quiet.level = level
+    return []
+
+
 def validate(cfg: DictConfig) -> TrainConfig:
-    """Return the config as dataclasses, or raise ConfigError listing every bad value."""
-    # Hydra's callbacks see Hydra's own node too; it is not ours to check.
+    """Return the config as dataclasses, or raise ConfigError with one line per bad value."""
+    # Hydra's callbacks and compose(return_hydra_config=True) carry Hydra's own node; it is not ours to check.
     ours = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), ours))
     assert isinstance(obj, TrainConfig), type(obj)
-    bad = [f"  {key}={value!r}: expected {expected}" for key, value, ok, expected in _rules(obj) if not ok]
+    bad = [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in _rules(obj) if not ok]
+    max_epochs = obj.trainer.get("max_epochs")
+    if not (max_epochs is None or isinstance(max_epochs, int) and (max_epochs == -1 or max_epochs >= 1)):
+        bad.append(f"trainer.max_epochs={max_epochs!r}: expected -1 (no limit) or an integer >= 1")
+    bad += check_trainer(obj.trainer)
     if bad:
-        raise ConfigError(
-            "Invalid config value(s):\n" + "\n".join(bad) + "\nFix the override(s) on the command line "
-            "(e.g. model.n_critic=5) or in the YAML under conf/."
-        )
+        raise ConfigError("\n".join(bad))
     return obj
 
 
-class ValidateConfig(Callback):
-    """Hydra callback: reject bad values before Hydra writes the run or sweep directory."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_if_invalid(config)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Compose every job of the sweep up front, so a bad value in job 3 stops the sweep before job 1 runs.
-        from hydra import compose
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra.errors import HydraException
-
-        if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-            return  # other sweepers choose values as they go; on_job_start checks each job
-        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        for batch in BasicSweeper.split_arguments(overrides, max_batch_size=None):
-            for job_overrides in batch:
-                try:
-                    job = compose(config_name=config.hydra.job.config_name, overrides=job_overrides)
-                except HydraException as err:
-                    print(f"Error in sweep job {' '.join(job_overrides)}:\n{err}", file=sys.stderr)
-                    sys.exit(2)
-                _exit_if_invalid(job)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_if_invalid(config)  # sweepers that pick values as they go
-
-
-def _exit_if_invalid(config: DictConfig) -> None:
-    try:
-        validate(config)
-    except ConfigError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    schema = OmegaConf.structured(TrainConfig)
+    # Open: trainer.ANY_ARGUMENT=VALUE is accepted without Hydra's "+" (check_trainer names a wrong one).
+    OmegaConf.set_struct(schema.trainer, False)
+    ConfigStore.instance().store(name="train_schema", node=schema)

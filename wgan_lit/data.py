@@ -1,111 +1,33 @@
-"""Fashion-MNIST as one in-memory uint8 tensor, served in batches by tensor indexing.
+"""The data modules: Fashion-MNIST, CelebA and image folders, each held as one uint8 tensor and batched by indexing.
 
-The IDX files are read directly (gzipped or not) with checks that name the file when it is truncated or
-corrupt. Looked for in ``data.root``, then in Debian's ``dataset-fashion-mnist`` copy, then downloaded
-through torchvision when ``data.download=true``.
+Fashion-MNIST is read from its IDX files (``wgan_lit.fashion_mnist``); CelebA and folders are decoded once into
+a memory-mapped cache (``wgan_lit.image_cache``). Batches are single index ops on that tensor, converted to
+[-1, 1] on the device. The loader is torchdata's ``StatefulDataLoader``: Lightning saves its position in every
+checkpoint, so a resumed run continues the interrupted pass, on one process and under DDP.
 """
 
 from __future__ import annotations
 
-import gzip
-import zlib
-from collections.abc import Sequence
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import RandomSampler as TorchRandomSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
-from wgan_lit.resume import ResumableSampler
+from wgan_lit.config import DataConfig, DataError
+from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
+from wgan_lit.image_cache import CacheSpec, ensure_cache, open_cache
+from wgan_lit.image_files import celeba_files, folder_files
 
-# Debian/Ubuntu: apt-get install dataset-fashion-mnist
-SYSTEM_DIRS: list[Path] = [Path("/usr/share/datasets/fashion-mnist")]
-SPLIT_PREFIX = {"train": "train", "test": "t10k"}
-_IDX_MAGIC = {3: "images", 1: "labels"}  # number of dimensions -> what the file holds
-
-
-class DataError(RuntimeError):
-    """The data could not be found or read; the message says which file and how to fix it."""
-
-
-def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an IDX file of unsigned bytes (``.gz`` or raw) with ``ndim`` dimensions, checking its header."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
-        raise DataError(f"{path}: cannot be decompressed ({err}); the file is corrupt or truncated. "
-                        "Delete it and fetch it again.") from err
-    if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; the file is truncated.")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
-        raise DataError(
-            f"{path}: wrong magic number {raw[:4].hex()} (expected 000008{ndim:02x}: unsigned-byte IDX "
-            f"{_IDX_MAGIC[ndim]} with {ndim} dimension(s)); this is not a Fashion-MNIST {_IDX_MAGIC[ndim]} file."
-        )
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    offset, expected = 4 + 4 * ndim, int(np.prod(shape))
-    if len(raw) - offset != expected:
-        raise DataError(
-            f"{path}: header says shape {shape} = {expected} bytes of data but the file holds "
-            f"{len(raw) - offset}; the file is truncated or corrupt. Delete it and fetch it again."
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
-
-
-def _find(name: str, dirs: Sequence[Path]) -> Path | None:
-    for d in dirs:
-        for candidate in (d / name, d / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def search_dirs(root: str | Path) -> list[Path]:
-    """Where the IDX files are looked for, in order: root, torchvision's layout under root, the system copy."""
-    root = Path(root)
-    return [root, root / "FashionMNIST" / "raw", *SYSTEM_DIRS]
-
-
-def locate_fashion_mnist(root: str | Path, split: str = "train", download: bool = False) -> tuple[Path, Path]:
-    """Paths of the (images, labels) IDX files of ``split``, downloading them if allowed and needed."""
-    if split not in SPLIT_PREFIX:
-        raise DataError(f"data.split={split!r}: expected one of {', '.join(SPLIT_PREFIX)}")
-    prefix = SPLIT_PREFIX[split]
-    names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    dirs = search_dirs(root)
-    found = [_find(n, dirs) for n in names]
-    download_error = ""
-    if None in found and download:
-        try:
-            from torchvision.datasets import FashionMNIST
-
-            FashionMNIST(str(root), train=split == "train", download=True)
-            found = [_find(n, dirs) for n in names]
-        except Exception as err:  # network errors come in many types; report whichever it was
-            download_error = f"\nThe download (data.download=true) failed: {type(err).__name__}: {err}"
-    if None in found:
-        missing = names[found.index(None)]
-        tried = "\n".join(f"  {d}" for d in dirs)
-        raise DataError(
-            f"Fashion-MNIST not found: no {missing}[.gz] in any of\n{tried}{download_error}\n"
-            "Get it one of three ways:\n"
-            "  1. add data.download=true (torchvision fetches it into <data.root>/FashionMNIST/raw)\n"
-            "  2. sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu, into /usr/share/datasets/fashion-mnist)\n"
-            "  3. put the four IDX files from github.com/zalandoresearch/fashion-mnist in a folder and pass "
-            "data.root=FOLDER"
-        )
-    return found[0], found[1]  # type: ignore[return-value]
-
-
-def load_fashion_mnist(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 N x 1 x 28 x 28, labels int64 N) from checked IDX files."""
-    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
-                        f"{labels.shape[0]} labels; one of them is from another release or truncated.")
-    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+# torchdata 0.11 calls a deprecated torch API on every new iterator; nothing for a user to act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -137,28 +59,54 @@ class InMemoryImages(Dataset):
         return self.images[torch.as_tensor(indices, device=self.images.device)]
 
 
+class CachedImages(InMemoryImages):
+    """InMemoryImages over a cache file; pickles as its path, so spawned dataloader workers map it anew."""
+
+    def __init__(self, path: Path, image_size: int, images: torch.Tensor | None = None) -> None:
+        super().__init__(open_cache(path, image_size) if images is None else images)
+        self.path, self.image_size = path, image_size
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "image_size": self.image_size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["image_size"])
+
+
 def pass_through(batch: torch.Tensor) -> torch.Tensor:
     """collate_fn for datasets whose ``__getitems__`` already returns the batch."""
     return batch
 
 
-class InMemoryDataModule(L.LightningDataModule):
-    """Serves ``self.images`` (uint8 N x C x H x W, loaded by ``load_images``) in shuffled full batches.
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader that also saves its distributed sampler's epoch.
 
-    The order comes from a :class:`ResumableSampler` whose position is checkpointed (``state_dict``), so a
-    resumed run continues the same pass over the data. Subclasses say where the images come from.
+    Lightning 2.6 builds a resumed run's iterator (and restores the position in it) before it calls
+    ``set_epoch``, so without this the position would be taken in epoch 0's order under DDP.
     """
+
+    def state_dict(self) -> dict[str, Any]:
+        samplers = (self.sampler, getattr(self.batch_sampler, "sampler", None))
+        epochs = [s.epoch for s in samplers if isinstance(s, DistributedSampler)]
+        return {**super().state_dict(), "sampler_epoch": epochs[0] if epochs else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        epoch = state.pop("sampler_epoch", None)
+        if epoch is not None:
+            _set_sampler_epoch(self, epoch)
+        super().load_state_dict(state)
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Serves ``self.images`` (uint8 N x C x H x W, from ``load_images``) in shuffled full batches."""
 
     channels = 1
 
-    def __init__(self, batch_size: int, image_size: int, num_workers: int = 0,
-                 device_resident: bool = False) -> None:
+    def __init__(self, cfg: DataConfig) -> None:
         super().__init__()
-        self.batch_size, self.image_size, self.num_workers = batch_size, image_size, num_workers
-        self.device_resident = device_resident
+        self.cfg = cfg
         self.images: torch.Tensor | None = None
-        self.sampler: ResumableSampler | None = None  # its state is checkpointed: see wgan_lit/resume.py
-        self._sampler_state: dict | None = None
 
     def load_images(self) -> torch.Tensor:
         raise NotImplementedError
@@ -169,64 +117,117 @@ class InMemoryDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.images is None:
             self.images = self.load_images()
-        if self.device_resident and self.trainer is not None:
+        if self.cfg.device_resident and self.trainer is not None:
             # Each process (DDP rank) copies the uint8 images once to its own device; batches are then
             # indexed there, with no per-step host-to-device copy. A no-op on CPU.
             device = self.trainer.strategy.root_device
             if device.type != "cpu":
                 self.images = self.images.to(device)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         if self.images is None:
             self.setup("fit")
-        if len(self.images) < self.batch_size:
-            raise DataError(f"data.batch_size={self.batch_size} is larger than the dataset "
+        if len(self.images) < self.cfg.batch_size:
+            raise DataError(f"data.batch_size={self.cfg.batch_size} is larger than the dataset "
                             f"({len(self.images)} images); lower data.batch_size.")
-        self.sampler = ResumableSampler(len(self.images))
-        if self._sampler_state is not None:  # from a checkpoint being resumed; used once
-            self.sampler.load_state_dict(self._sampler_state)
-            self._sampler_state = None
-        return DataLoader(
-            self.dataset(),
-            batch_size=self.batch_size,
-            sampler=self.sampler,  # shuffles like shuffle=True, but a resumed run continues the same order
-            generator=torch.Generator(),  # worker seeds drawn from here leave the global RNG to the noise
+        dataset = self.dataset()
+        # Own generators, seeded from the global RNG (seed_everything): the order is saved with the loader's
+        # state and never draws from the stream the noise comes from.
+        seed = int(torch.randint(2**62, ()).item())
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning swaps torch's RandomSampler (not torchdata's) for a DistributedSampler, whose order is a
+            # function of (seed, epoch); it would wrap any other sampler and replay its unsaved generator.
+            sampler: Sampler = TorchRandomSampler(dataset)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        return ResumableLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(seed + 1),  # worker seeds
             drop_last=True,  # every critic step sees a full batch of m images, as in the paper
             collate_fn=pass_through,
-            num_workers=self.num_workers,
+            num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available() and self.images.device.type == "cpu",
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.cfg.num_workers > 0,
         )
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         return to_unit_range(batch)
 
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._sampler_state = state_dict.get("sampler")  # applied when the dataloader is built
-
 
 class FashionMNISTDataModule(InMemoryDataModule):
     channels = 1
 
-    def __init__(
-        self,
-        root: str = "data",
-        batch_size: int = 64,
-        image_size: int = 28,
-        num_workers: int = 0,
-        download: bool = False,
-        split: str = "train",
-        device_resident: bool = False,
-    ) -> None:
-        super().__init__(batch_size, image_size, num_workers, device_resident)
-        self.root, self.download, self.split = root, download, split
-
     def prepare_data(self) -> None:
-        locate_fashion_mnist(self.root, self.split, self.download)
+        locate_fashion_mnist(self.cfg.root, self.cfg.split, self.cfg.download)
 
     def load_images(self) -> torch.Tensor:
-        images, _ = load_fashion_mnist(*locate_fashion_mnist(self.root, self.split, download=False))
-        return resize_uint8(images, self.image_size)
+        images, _ = load_fashion_mnist(*locate_fashion_mnist(self.cfg.root, self.cfg.split, download=False))
+        return resize_uint8(images, self.cfg.image_size)
+
+
+class CachedImageDataModule(InMemoryDataModule):
+    """RGB images from files, decoded once into a cache; subclasses say which files."""
+
+    channels = 3
+    dataset_name = ""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__(cfg)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.root) / ".wgan_cache"
+        self.cache_file: Path | None = None
+
+    def list_files(self) -> tuple[Path, list[Path]]:
+        """(source folder, image files of the configured split)."""
+        raise NotImplementedError
+
+    def cache_split(self) -> str:
+        return self.cfg.split
+
+    def prepare_cache(self) -> Path:
+        """The finished cache file of this data, built first if needed."""
+        if self.cache_file is None or not self.cache_file.is_file():
+            source, files = self.list_files()
+            spec = CacheSpec(self.dataset_name, self.cache_split(), self.cfg.image_size, self.cfg.center_crop)
+            self.cache_file = ensure_cache(files, source, spec, self.cache_dir)
+        return self.cache_file
+
+    def prepare_data(self) -> None:
+        self.prepare_cache()  # Lightning calls this on local rank 0 only; the lock covers every other caller
+
+    def load_images(self) -> torch.Tensor:
+        return open_cache(self.prepare_cache(), self.cfg.image_size)
+
+    def dataset(self) -> Dataset:
+        return CachedImages(self.cache_file, self.cfg.image_size, self.images)  # workers reopen the memmap
+
+
+class CelebADataModule(CachedImageDataModule):
+    """CelebA faces from ``<root>/celeba/img_align_celeba``; ``list_eval_partition.txt`` picks the split."""
+
+    dataset_name = "celeba"
+
+    def list_files(self) -> tuple[Path, list[Path]]:
+        return celeba_files(self.cfg.root, self.cfg.split)
+
+
+class ImageFolderDataModule(CachedImageDataModule):
+    """Every image under ``root``, recursively: LSUN exports, your own photos. No splits: all files."""
+
+    dataset_name = "folder"
+
+    def list_files(self) -> tuple[Path, list[Path]]:
+        return folder_files(self.cfg.root)
+
+    def cache_split(self) -> str:
+        return "all"  # a folder has no splits: train and all are the same files, so one cache
+
+
+DATA_MODULES: dict[str, type[InMemoryDataModule]] = {
+    "fashion_mnist": FashionMNISTDataModule, "celeba": CelebADataModule, "folder": ImageFolderDataModule,
+}
+
+
+def build_datamodule(cfg: DataConfig) -> InMemoryDataModule:
+    return DATA_MODULES[cfg.name](cfg)

@@ -1,75 +1,62 @@
-"""Score a checkpoint: ``python -m wgan_lit.evaluate checkpoint=PATH [key=value ...] [--json]``.
+"""Score a checkpoint: ``python -m wgan_lit.evaluate checkpoint=PATH [key=value ...]``.
 
-Prints one table of the sample-quality metrics (``wgan_lit.metrics``) of ``n_samples`` images drawn from
-fixed noise (``seed``), or one JSON object with ``--json``. Keys (defaults in :class:`EvaluateConfig`):
-checkpoint, n_samples, seed, data_root, classifier_path, inception, inception_weights, kid_subsets,
-kid_subset_size, device. The data set and its folder are read from the run's ``.hydra/config.yaml`` when the
-checkpoint sits in a run directory; ``data_root=`` overrides the folder.
+Examples::
+
+    python -m wgan_lit.evaluate checkpoint=RUN/checkpoints/last.ckpt
+    python -m wgan_lit.evaluate checkpoint=RUN/checkpoints/last.ckpt metrics.n_samples=10000 json=true
+
+Prints one table of the sample-quality metrics (``wgan_lit.metrics``) of ``metrics.n_samples`` images drawn
+from fixed noise (``metrics.seed``), or one JSON object with ``json=true``. The ``metrics.*`` keys are those of
+training (``conf/metrics``), with the same defaults, so the numbers compare; ``metrics.every_n_gen_steps``
+and ``metrics.checkpoint_monitor`` only matter in training. The data set and its folder are read from the
+run's ``.hydra/config.yaml`` when the checkpoint sits in a run directory; ``data_root=`` overrides the folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from wgan_lit import cli
+from wgan_lit.checkpointing import CheckpointError
 from wgan_lit.classifier import CLASSES, ClassifierError
-from wgan_lit.config import SAMPLE_METRICS, DataConfig, MetricsConfig
-from wgan_lit.data import DataError
+from wgan_lit.config import SAMPLE_METRICS, ConfigError, DataConfig, DataError, MetricsConfig, _metrics_rules
+from wgan_lit.generate import device_problem, latents, load_generator
 from wgan_lit.metrics import build_sample_quality, find_inception_weights, to_uint8
-from wgan_lit.module import WGAN
 
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = MISSING
-    n_samples: int = 5000  # as metrics.n_samples in training, so the numbers compare
-    seed: int = 0
+    """The keys of ``python -m wgan_lit.evaluate``: the one home of their defaults (``metrics.*``: MetricsConfig)."""
+
+    checkpoint: str = MISSING  # a .ckpt file of a run, e.g. RUN/checkpoints/last.ckpt
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # n_samples, seed, classifier, Inception, KID
     data_root: str = ""  # "" = the run's data.root (or "data"); the system Fashion-MNIST is found either way
-    classifier_path: str = ""  # "" = $WGAN_LIT_CACHE or ~/.cache/wgan_lit/fmnist_classifier.pt
-    inception: bool = True
-    inception_weights: str = ""
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    device: str = "auto"  # auto = cuda when available
-    batch_size: int = 500
+    device: str = "auto"  # auto (cuda when one is visible, else cpu), cpu or cuda
+    batch_size: int = 500  # images generated at a time
+    json: bool = False  # print one JSON object instead of the table
 
 
 class EvaluateError(ValueError):
-    """A bad command line or checkpoint; the message says what to fix."""
+    """A checkpoint or run that cannot be scored; the message says what to fix."""
 
 
-def parse(argv: list[str]) -> tuple[EvaluateConfig, bool]:
-    parser = argparse.ArgumentParser(prog="python -m wgan_lit.evaluate", description=__doc__.split("\n\n")[1])
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="e.g. checkpoint=PATH n_samples=10000"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise EvaluateError(f"{bad[0]!r} is not key=value; write checkpoint=PATH")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), OmegaConf.from_dotlist(args.overrides))
-        obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
-        raise EvaluateError(
-            f"{key}{str(err).splitlines()[0]} (keys: {', '.join(EvaluateConfig.__dataclass_fields__)})"
-        ) from err
-    assert isinstance(obj, EvaluateConfig)
-    if obj.n_samples < 2 or obj.kid_subset_size < 2:
-        raise EvaluateError(
-            f"n_samples={obj.n_samples}, kid_subset_size={obj.kid_subset_size}: expected integers >= 2"
-        )
-    return obj, args.json
+def check(cfg: EvaluateConfig) -> list[str]:
+    """One line per value the types allow but the command does not; ``metrics.*`` as training checks them."""
+    rules = [
+        *_metrics_rules(cfg.metrics),
+        ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
+    ]
+    bad = [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in rules if not ok]
+    if problem := device_problem(cfg.device):
+        bad.append(problem)
+    return bad
 
 
 def run_data_config(checkpoint: Path, data_root: str) -> DataConfig:
@@ -89,51 +76,31 @@ def run_data_config(checkpoint: Path, data_root: str) -> DataConfig:
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Load the checkpoint, generate, score; the result as one JSON-ready dict."""
     path = Path(cfg.checkpoint)
-    if not path.is_file():
-        raise EvaluateError(
-            f"checkpoint={cfg.checkpoint}: no such file (a run writes <run dir>/checkpoints/last.ckpt)"
-        )
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if cfg.device == "auto"
-        else cfg.device
-    )
-    try:
-        model = WGAN.load_from_checkpoint(path, map_location=device).eval()
-    except Exception as err:  # a non-checkpoint file raises whatever its unpickling hits
-        raise EvaluateError(
-            f"checkpoint={cfg.checkpoint}: not a wgan_lit checkpoint ({type(err).__name__}: {err})"
-        ) from err
+    mc = cfg.metrics
+    model = load_generator(path, cfg.device)  # CheckpointError names the file and what is wrong with it
+    device = model.device
     data = run_data_config(path, cfg.data_root)
     data.image_size = model.hparams.image_size
     datamodule = None
     if data.name != "fashion_mnist":  # other data sets score against their own training images
-        from wgan_lit.train import build_datamodule
+        from wgan_lit.data import DATA_MODULES, build_datamodule
 
+        if data.name not in DATA_MODULES:
+            raise EvaluateError(f"data.name={data.name!r} of the run's config: expected one of "
+                                f"{', '.join(DATA_MODULES)}")
         datamodule = build_datamodule(data)
         datamodule.setup("fit")
-    mc = MetricsConfig(
-        n_samples=cfg.n_samples,
-        seed=cfg.seed,
-        classifier_path=cfg.classifier_path,
-        inception=cfg.inception,
-        inception_weights=cfg.inception_weights,
-        kid_subsets=cfg.kid_subsets,
-        kid_subset_size=cfg.kid_subset_size,
-    )
     scorer = build_sample_quality(mc, data, data.image_size, device, datamodule)
     skipped: dict[str, str] = {}
-    if not cfg.inception:
-        skipped["fid_inception"] = skipped["kid_inception"] = "inception=false"
-    elif why := find_inception_weights(cfg.inception_weights)[1]:
+    if not mc.inception:
+        skipped["fid_inception"] = skipped["kid_inception"] = "metrics.inception=false"
+    elif why := find_inception_weights(mc.inception_weights)[1]:
         skipped["fid_inception"] = skipped["kid_inception"] = why
     result: dict[str, Any] = {
         "checkpoint": str(path),
         "gen_step": model.gen_step,
-        "n_samples": cfg.n_samples,
-        "seed": cfg.seed,
+        "n_samples": mc.n_samples,
+        "seed": mc.seed,
         "data": data.name,
         "n_real": 0,
         "metrics": {},
@@ -142,9 +109,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     if scorer is None:
         return result
-    z = torch.randn(
-        cfg.n_samples, model.hparams.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)
-    )
+    z = latents(model, mc.n_samples, mc.seed)  # the codes generate draws for the same seed
     fake = torch.cat(
         [to_uint8(model.generate(z[i : i + cfg.batch_size])) for i in range(0, len(z), cfg.batch_size)]
     )
@@ -181,13 +146,14 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse(EvaluateConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.evaluate",
+                    doc=__doc__, check=check)
     try:
-        cfg, as_json = parse(sys.argv[1:] if argv is None else argv)
         result = evaluate(cfg)
-    except (EvaluateError, DataError, ClassifierError) as err:
+    except (CheckpointError, EvaluateError, ConfigError, DataError, ClassifierError) as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if as_json else table(result))
+    print(json.dumps(result, indent=2) if cfg.json else table(result))
     return 0
 
 

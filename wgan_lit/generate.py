@@ -1,51 +1,98 @@
-"""Sample a trained generator: ``python -m wgan_lit.generate CHECKPOINT [options]``.
+"""Sample a trained generator: ``python -m wgan_lit.generate checkpoint=PATH [key=value ...]``.
 
 Examples::
 
-    python -m wgan_lit.generate outputs/.../checkpoints/last.ckpt -n 64 --output grid.png
-    python -m wgan_lit.generate outputs/.../checkpoints/last.ckpt -n 50000 --output samples.npz --seed 1
-    python -m wgan_lit.generate outputs/.../checkpoints/last.ckpt --interpolate 3 7 --output walk.gif
+    python -m wgan_lit.generate checkpoint=RUN/checkpoints/last.ckpt n=64 output=grid.png
+    python -m wgan_lit.generate checkpoint=RUN/checkpoints/last.ckpt n=50000 output=samples.npz seed=1
+    python -m wgan_lit.generate checkpoint=RUN/checkpoints/last.ckpt interpolate=[3,7] steps=10 output=walk.gif
 
-``key=value`` arguments work too (``checkpoint=PATH n=64 output=grid.png``). The output's suffix picks the
-format: ``.png`` a grid (or one row per interpolation), ``.gif`` an animation of an interpolation, ``.pt`` /
-``.npz`` the raw values in [-1, 1] as one N x C x H x W float32 tensor / array named ``samples``. Samples
-are made ``--batch-size`` at a time and ``.pt``/``.npz`` are written batch by batch, so N = 50,000 needs
-memory for one batch. The latent codes come from ``--seed`` on the CPU, so the same seed gives the same
-codes whatever the device or batch size. A checkpoint trained on a GPU loads on a CPU (``--device cpu``,
-or ``auto`` when no GPU is present).
+The output's suffix picks the format: ``.png`` a grid (or one row for an interpolation), ``.gif`` an
+animation of an interpolation, ``.pt`` / ``.npz`` the raw values in [-1, 1] as one N x C x H x W float32
+tensor / array named ``samples``. Samples are made ``batch_size`` at a time and ``.pt``/``.npz`` are written
+batch by batch, so N = 50,000 needs memory for one batch. The latent codes come from ``seed`` on the CPU, so
+the same seed gives the same codes whatever the device or batch size. A checkpoint trained on a GPU loads on
+a CPU (``device=cpu``, or ``auto`` when no GPU is present). ``interpolate=[A,B]`` walks the great circle from
+seed A's code to seed B's in ``steps`` images instead of sampling (``n``, ``seed``, ``batch_size`` and
+``nrow`` are then unused).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
 import sys
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 from PIL import Image
 from torchvision.utils import save_image
 
+from wgan_lit import cli
 from wgan_lit.checkpointing import CheckpointError, atomic_torch_save, read_checkpoint
 from wgan_lit.module import WGAN
 
 FORMATS = (".png", ".gif", ".pt", ".npz")
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def load_generator(path: str | Path, device: str = "auto") -> WGAN:
+@dataclass
+class GenerateConfig:
+    """The keys of ``python -m wgan_lit.generate``: the one home of their defaults."""
+
+    checkpoint: str = MISSING  # a .ckpt file of a run, e.g. RUN/checkpoints/last.ckpt
+    n: int = 64  # number of samples
+    output: str = "samples.png"  # .png grid; .pt / .npz raw N x C x H x W in [-1, 1]; .gif with interpolate
+    seed: int = 0  # seed of the latent codes (drawn on the CPU: the same codes on any device)
+    batch_size: int = 500  # images generated at a time: memory does not grow with n
+    device: str = "auto"  # auto (cuda when one is visible, else cpu), cpu or cuda
+    nrow: int = 0  # images per row of a .png grid; 0 = sqrt(n)
+    interpolate: list[int] = field(default_factory=list)  # [] = sample; [A,B] = walk from seed A's code to B's
+    steps: int = 10  # images along an interpolation, both ends included
+    fps: float = 8.0  # frames per second of an interpolation's .gif
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device=...`` cannot be used here, or None."""
+    if device not in DEVICES:
+        return f"device={device!r}: expected one of {', '.join(DEVICES)}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return ("device='cuda': no CUDA device is visible (torch.cuda.is_available() is False); "
+                "use device=cpu (or device=auto)")
+    return None
+
+
+def output_problem(output: str | Path, interpolating: bool = False) -> str | None:
+    """Why ``output=...`` is no file this command can write, or None."""
+    suffix = Path(output).suffix.lower()
+    if interpolating and suffix not in FORMATS:
+        return f"output={str(output)!r}: expected a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file"
+    if not interpolating and (suffix not in FORMATS or suffix == ".gif"):
+        return (f"output={str(output)!r}: expected a .png, .pt or .npz file for samples "
+                "(.gif is for interpolate=[A,B])")
+    return None
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_generator(path: str | Path, device: str = GenerateConfig.device) -> WGAN:
     """The WGAN of a checkpoint on ``device`` ('auto': CUDA when available), in inference mode."""
     ckpt = read_checkpoint(path, what="checkpoint")  # loaded on the CPU: GPU checkpoints open anywhere
-    model = WGAN(**ckpt["hyper_parameters"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = WGAN(**ckpt["hyper_parameters"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, RuntimeError) as err:  # hyperparameters or tensors this version's WGAN does not take
+        raise CheckpointError(f"checkpoint {path}: does not fit this version's WGAN "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
     model.on_load_checkpoint(ckpt)  # the generator-step counter, for captions
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def latents(model: WGAN, n: int, seed: int) -> torch.Tensor:
@@ -119,7 +166,7 @@ def to_pil(image: torch.Tensor, min_size: int = 128) -> Image.Image:
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST) if scale > 1 else pil
 
 
-def save_gif(images: torch.Tensor, out: Path, fps: float = 8.0, bounce: bool = True) -> None:
+def save_gif(images: torch.Tensor, out: Path, fps: float = GenerateConfig.fps, bounce: bool = True) -> None:
     """One frame per image; ``bounce`` plays it forward then back, so the loop has no jump."""
     frames = [to_pil(im) for im in images]
     if bounce and len(frames) > 2:
@@ -128,19 +175,19 @@ def save_gif(images: torch.Tensor, out: Path, fps: float = 8.0, bounce: bool = T
                    loop=0)
 
 
-def generate(checkpoint: str | Path, n: int, output: str | Path, seed: int = 0, batch_size: int = 500,
-             device: str = "auto", nrow: int | None = None) -> Path:
+def generate(checkpoint: str | Path, n: int, output: str | Path, seed: int = GenerateConfig.seed,
+             batch_size: int = GenerateConfig.batch_size, device: str = GenerateConfig.device,
+             nrow: int | None = GenerateConfig.nrow) -> Path:
     """Write ``n`` samples of the checkpoint's generator to ``output`` (format from its suffix)."""
     out = Path(output)
-    suffix = out.suffix.lower()
-    if suffix not in FORMATS or suffix == ".gif":
-        raise ValueError(f"--output {out}: expected a .png, .pt or .npz file for samples "
-                         "(.gif is for --interpolate)")
+    if problem := output_problem(out):
+        raise ValueError(problem)
     model = load_generator(checkpoint, device)
     z = latents(model, n, seed)
     shape = (n, model.hparams.channels, model.hparams.image_size, model.hparams.image_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = batches(model, z, batch_size)
+    suffix = out.suffix.lower()
     if suffix == ".npz":
         write_npz(parts, shape, out)
     elif suffix == ".pt":
@@ -150,17 +197,18 @@ def generate(checkpoint: str | Path, n: int, output: str | Path, seed: int = 0, 
     return out
 
 
-def interpolate(checkpoint: str | Path, seed_a: int, seed_b: int, output: str | Path, steps: int = 10,
-                device: str = "auto", fps: float = 8.0) -> Path:
+def interpolate(checkpoint: str | Path, seed_a: int, seed_b: int, output: str | Path,
+                steps: int = GenerateConfig.steps, device: str = GenerateConfig.device,
+                fps: float = GenerateConfig.fps) -> Path:
     """Images along the latent path from ``seed_a``'s code to ``seed_b``'s: a row, a GIF or a tensor."""
     out = Path(output)
-    suffix = out.suffix.lower()
-    if suffix not in FORMATS:
-        raise ValueError(f"--output {out}: expected one of {', '.join(FORMATS)}")
+    if problem := output_problem(out, interpolating=True):
+        raise ValueError(problem)
     model = load_generator(checkpoint, device)
     z = slerp(latents(model, 1, seed_a)[0], latents(model, 1, seed_b)[0], steps)
     images = torch.cat(list(batches(model, z, steps)))
     out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
     if suffix == ".gif":
         save_gif(images, out, fps)
     elif suffix == ".png":
@@ -170,61 +218,36 @@ def interpolate(checkpoint: str | Path, seed_a: int, seed_b: int, output: str | 
     return out
 
 
-KEYS = ("checkpoint", "n", "output", "seed", "batch_size", "device", "nrow", "steps", "fps")
-
-
-def _hydra_style(argv: list[str]) -> list[str]:
-    """``key=value`` -> ``--key value`` for the known keys, so both spellings work."""
-    converted = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and not arg.startswith("-") and key in KEYS:
-            converted += [f"--{key.replace('_', '-')}", value]
-        else:
-            converted.append(arg)
-    return converted
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m wgan_lit.generate",
-                                description="Sample a trained WGAN generator from a checkpoint.")
-    p.add_argument("checkpoint_pos", nargs="?", metavar="CHECKPOINT", help="a .ckpt file of a training run")
-    p.add_argument("--checkpoint", help="the same, as an option")
-    p.add_argument("-n", "--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("-o", "--output", default="samples.png",
-                   help="samples.png (grid), .pt or .npz (raw N x C x H x W in [-1, 1]); "
-                        ".gif with --interpolate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the latent codes (default 0)")
-    p.add_argument("--batch-size", type=int, default=500, help="images generated at a time (default 500)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--nrow", type=int, default=None, help="images per row of a PNG grid (default sqrt(N))")
-    p.add_argument("--interpolate", nargs=2, type=int, metavar=("SEED_A", "SEED_B"),
-                   help="walk the latent space from SEED_A's code to SEED_B's instead of sampling")
-    p.add_argument("--steps", type=int, default=10, help="images along the interpolation (default 10)")
-    p.add_argument("--fps", type=float, default=8.0, help="frames per second of a GIF (default 8)")
-    args = p.parse_args(_hydra_style(list(sys.argv[1:] if argv is None else argv)))
-    args.checkpoint = args.checkpoint or args.checkpoint_pos
-    if not args.checkpoint:
-        p.error("a checkpoint is required: python -m wgan_lit.generate PATH/TO/last.ckpt")
-    for name in ("n", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return args
+def check(cfg: GenerateConfig) -> list[str]:
+    """One line per value the types allow but the command does not."""
+    rules = [
+        ("n", cfg.n, cfg.n >= 1, "an integer >= 1"),
+        ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
+        ("nrow", cfg.nrow, cfg.nrow >= 0, "0 (sqrt(n) per row) or an integer >= 1"),
+        ("interpolate", cfg.interpolate, len(cfg.interpolate) in (0, 2),
+         "[] (sample) or two seeds [A,B], e.g. interpolate=[3,7]"),
+        ("steps", cfg.steps, cfg.steps >= 2, "an integer >= 2 (the path includes both ends)"),
+        ("fps", cfg.fps, cfg.fps > 0, "a number > 0"),
+    ]
+    bad = [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in rules if not ok]
+    problems = (device_problem(cfg.device), output_problem(cfg.output, interpolating=bool(cfg.interpolate)))
+    return bad + [p for p in problems if p]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    cfg = cli.parse(GenerateConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.generate",
+                    doc=__doc__, check=check)
     try:
-        if args.interpolate:
-            out = interpolate(args.checkpoint, *args.interpolate, args.output, args.steps, args.device,
-                              args.fps)
+        if cfg.interpolate:
+            seed_a, seed_b = cfg.interpolate
+            out = interpolate(cfg.checkpoint, seed_a, seed_b, cfg.output, cfg.steps, cfg.device, cfg.fps)
         else:
-            out = generate(args.checkpoint, args.n, args.output, args.seed, args.batch_size, args.device,
-                           args.nrow)
+            out = generate(cfg.checkpoint, cfg.n, cfg.output, cfg.seed, cfg.batch_size, cfg.device, cfg.nrow)
     except (CheckpointError, ValueError) as err:
         print(f"Error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output's folder cannot be made or written
+        print(f"Error: output={cfg.output!r}: cannot be written ({type(err).__name__}: {err})", file=sys.stderr)
         return 2
     print(f"Wrote {out}")
     return 0

@@ -36,7 +36,8 @@ from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 from wgan_lit import classifier as clf
 from wgan_lit.classifier import CLASSES, FashionClassifier
 from wgan_lit.config import SAMPLE_METRICS, DataConfig, MetricsConfig
-from wgan_lit.data import load_fashion_mnist, locate_fashion_mnist, resize_uint8, to_unit_range
+from wgan_lit.data import resize_uint8, to_unit_range
+from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads
 MAX_REFERENCE = 10_000  # real images the statistics are computed from (the whole Fashion-MNIST test set)

@@ -8,12 +8,14 @@ Lightning's ``global_step`` counts both kinds of optimizer step, so the module k
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import lightning as L
 import torch
 
+from wgan_lit.config import DataConfig, LoggerConfig, ModelConfig
 from wgan_lit.networks import Critic, Generator
 
 
@@ -43,40 +45,25 @@ def clamp_(params: list[torch.Tensor], clip_value: float) -> None:
 
 
 class WGAN(L.LightningModule):
-    def __init__(
-        self,
-        image_size: int = 28,
-        channels: int = 1,
-        latent_dim: int = 100,
-        g_features: int = 64,
-        d_features: int = 64,
-        critic_batchnorm: bool = True,
-        optimizer: str = "rmsprop",
-        lr_g: float = 5e-5,
-        lr_d: float = 5e-5,
-        clip_value: float = 0.01,
-        n_critic: int = 5,
-        paper_critic_schedule: bool = False,
-        n_fixed_samples: int = 64,
-        fixed_noise_seed: int = 1234,
-        log_every_n_gen_steps: int = 10,
-        fused_clamp: bool = True,
-        channels_last: bool = True,
-        compile: bool = False,
-    ) -> None:
+    def __init__(self, image_size: int = DataConfig.image_size, channels: int = 1,
+                 log_every_n_gen_steps: int = LoggerConfig.log_every_n_gen_steps, **model: Any) -> None:
+        """``model``: the fields of :class:`~wgan_lit.config.ModelConfig`, the one home of their defaults."""
         super().__init__()
-        self.save_hyperparameters()
+        hp = ModelConfig(**model)  # an unknown key fails here, naming it
+        self.save_hyperparameters({"image_size": image_size, "channels": channels,
+                                   "log_every_n_gen_steps": log_every_n_gen_steps, **dataclasses.asdict(hp)})
         self.automatic_optimization = False
-        self.generator = Generator(latent_dim, channels, image_size, g_features)
-        self.critic = Critic(channels, image_size, d_features, critic_batchnorm)
-        if channels_last:  # NHWC weights; training_step converts the real batch, G's output follows its weights
+        self.generator = Generator(hp.latent_dim, channels, image_size, hp.g_features)
+        self.critic = Critic(channels, image_size, hp.d_features, hp.critic_batchnorm)
+        if hp.channels_last:  # NHWC weights; training_step converts the real batch, G's output follows its weights
             self.generator.to(memory_format=torch.channels_last)
             self.critic.to(memory_format=torch.channels_last)
-        if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
+        if hp.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
             self.generator.compile()
             self.critic.compile()
         # Persistent so a resumed run or a reloaded checkpoint draws its grids from the same noise.
-        fixed = torch.randn(n_fixed_samples, latent_dim, generator=torch.Generator().manual_seed(fixed_noise_seed))
+        gen = torch.Generator().manual_seed(hp.fixed_noise_seed)
+        fixed = torch.randn(hp.n_fixed_samples, hp.latent_dim, generator=gen)
         self.register_buffer("fixed_noise", fixed)
         self.gen_step = 0  # generator updates done
         # Divergence guard, kept on the device so it costs no sync per step: whether every loss so far was

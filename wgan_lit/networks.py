@@ -37,7 +37,7 @@ def init_dcgan_weights(module: nn.Module) -> None:
 class Generator(nn.Module):
     """z (N, latent_dim) -> images (N, channels, image_size, image_size) in [-1, 1]."""
 
-    def __init__(self, latent_dim: int, channels: int, image_size: int, features: int = 64) -> None:
+    def __init__(self, latent_dim: int, channels: int, image_size: int, features: int) -> None:
         super().__init__()
         base, steps = pyramid(image_size)
         width = features * 2 ** (steps - 1)
@@ -65,7 +65,7 @@ class Generator(nn.Module):
 class Critic(nn.Module):
     """images -> one unbounded score per image (no sigmoid: the critic estimates a Wasserstein distance)."""
 
-    def __init__(self, channels: int, image_size: int, features: int = 64, batchnorm: bool = True) -> None:
+    def __init__(self, channels: int, image_size: int, features: int, batchnorm: bool) -> None:
         super().__init__()
         base, steps = pyramid(image_size)
         width = features

@@ -6,22 +6,35 @@ TensorBoard log (tag ``timelapse``, Images tab; TensorBoard animates GIFs, so no
 
 At the end of every run by default (``logger.timelapse=true``), or over an existing run directory::
 
-    python -m wgan_lit.timelapse outputs/2026-01-01/12-00-00-000000 [--fps 8] [--output x.gif]
+    python -m wgan_lit.timelapse run_dir=outputs/2026-01-01/12-00-00-000000 [fps=8] [output=x.gif]
+
+``tensorboard=false`` leaves the run's TensorBoard log as it is.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import MISSING
 from PIL import Image, ImageDraw
 
+from wgan_lit import cli
+
 FRAME_PATTERN = re.compile(r"gen_(\d+)\.png$")
+
+
+@dataclass
+class TimelapseConfig:
+    """The keys of ``python -m wgan_lit.timelapse``: the one home of their defaults."""
+
+    run_dir: str = MISSING  # a training run's directory (holds samples/gen_*.png)
+    output: str = ""  # where to write the GIF; "" = RUN_DIR/timelapse.gif
+    fps: float = 8.0  # frames per second
+    tensorboard: bool = True  # also add the GIF to the run's TensorBoard log (tag timelapse), if it has one
 
 
 class TimelapseError(RuntimeError):
@@ -56,7 +69,7 @@ def _stamp(path: Path, step: int) -> Image.Image:
     return frame
 
 
-def build_gif(run_dir: str | Path, fps: float = 8.0, max_frames: int = 300) -> tuple[bytes, int]:
+def build_gif(run_dir: str | Path, fps: float = TimelapseConfig.fps, max_frames: int = 300) -> tuple[bytes, int]:
     """The timelapse as GIF bytes, and the number of frames in it."""
     run_dir = Path(run_dir)
     frames = find_frames(run_dir)
@@ -91,8 +104,8 @@ def write_gif_to_tensorboard(gif: bytes, log_dir: str | Path | None = None, step
         writer.close()  # type: ignore[attr-defined]
 
 
-def make_timelapse(run_dir: str | Path, output: str | Path | None = None, fps: float = 8.0,
-                   tensorboard: bool = True) -> Path:
+def make_timelapse(run_dir: str | Path, output: str | Path | None = None, fps: float = TimelapseConfig.fps,
+                   tensorboard: bool = TimelapseConfig.tensorboard) -> Path:
     """Write ``<run_dir>/timelapse.gif`` (or ``output``) and, if the run has one, into its TensorBoard log."""
     run_dir = Path(run_dir)
     gif, _ = build_gif(run_dir, fps=fps)
@@ -105,41 +118,27 @@ def make_timelapse(run_dir: str | Path, output: str | Path | None = None, fps: f
     return out
 
 
-class Timelapse(L.Callback):
-    """At the end of training (not on interrupt or divergence), assemble the grids into the timelapse."""
-
-    def __init__(self, run_dir: str | Path, fps: float = 8.0) -> None:
-        self.run_dir = Path(run_dir)
-        self.fps = fps
-        self.path: Path | None = None
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not find_frames(self.run_dir):
-            return
-        gif, _ = build_gif(self.run_dir, fps=self.fps)
-        self.path = self.run_dir / "timelapse.gif"
-        self.path.write_bytes(gif)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                step = getattr(pl_module, "gen_step", 0)
-                write_gif_to_tensorboard(gif, step=step, writer=logger.experiment)
+def check(cfg: TimelapseConfig) -> list[str]:
+    """One line per value the types allow but the command does not."""
+    bad = []
+    if not Path(cfg.run_dir).is_dir():
+        bad.append(f"run_dir={cfg.run_dir!r}: no such directory; expected a training run's directory "
+                   "(it holds samples/gen_*.png), e.g. outputs/<date>/<time>")
+    if not cfg.fps > 0:
+        bad.append(f"fps={cfg.fps!r}: expected a number > 0")
+    return bad
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wgan_lit.timelapse", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="a training run's directory (holds samples/gen_*.png)")
-    parser.add_argument("--output", help="where to write the GIF (default: RUN_DIR/timelapse.gif)")
-    parser.add_argument("--fps", type=float, default=8.0, help="frames per second (default 8)")
-    parser.add_argument("--no-tensorboard", action="store_true",
-                        help="do not add it to the run's TensorBoard log")
-    args = parser.parse_args(argv)
-    if not Path(args.run_dir).is_dir():
-        print(f"Error: {args.run_dir}: no such run directory.", file=sys.stderr)
-        return 2
+    cfg = cli.parse(TimelapseConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.timelapse",
+                    doc=__doc__, check=check)
     try:
-        out = make_timelapse(args.run_dir, args.output, fps=args.fps, tensorboard=not args.no_tensorboard)
+        out = make_timelapse(cfg.run_dir, cfg.output or None, fps=cfg.fps, tensorboard=cfg.tensorboard)
     except TimelapseError as err:
         print(f"Error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the output's folder cannot be made or written
+        print(f"Error: output={cfg.output!r}: cannot be written ({type(err).__name__}: {err})", file=sys.stderr)
         return 2
     print(f"Wrote {out}")
     return 0

@@ -8,53 +8,30 @@ Hydra's run directory, ``outputs/<date>/<time>/`` unless ``hydra.run.dir`` says 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from wgan_lit.callbacks import GeneratorStepLimit, SampleGrid
-from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpoint, check_resumable
+from wgan_lit import cli
+from wgan_lit.callbacks import OneRunDirError, build_callbacks
+from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, check_resumable
 from wgan_lit.classifier import ClassifierError
-from wgan_lit.config import ConfigError, DataConfig, TrainConfig, register_configs, validate
-from wgan_lit.data import DataError, FashionMNISTDataModule
-from wgan_lit.distributed import NoisePerRank, OneRunDir, OneRunDirError, ddp_job
-from wgan_lit.guards import DivergenceGuard, GracefulStop
-from wgan_lit.hparams import HParamsSummary
-from wgan_lit.images import CelebADataModule, ImageFolderDataModule
-from wgan_lit.metrics import sample_quality_callbacks
+from wgan_lit.config import DataError, TrainConfig, register_configs, validate
+from wgan_lit.data import build_datamodule
 from wgan_lit.module import WGAN, DivergenceError
-from wgan_lit.resume import ExactResume
-from wgan_lit.timelapse import Timelapse
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def build_datamodule(cfg: DataConfig) -> L.LightningDataModule:
-    if cfg.name == "fashion_mnist":
-        return FashionMNISTDataModule(
-            root=cfg.root, batch_size=cfg.batch_size, image_size=cfg.image_size,
-            num_workers=cfg.num_workers, download=cfg.download, split=cfg.split,
-            device_resident=cfg.device_resident,
-        )
-    if cfg.name in ("celeba", "folder"):
-        images = CelebADataModule if cfg.name == "celeba" else ImageFolderDataModule
-        return images(
-            root=cfg.root, batch_size=cfg.batch_size, image_size=cfg.image_size, num_workers=cfg.num_workers,
-            split=cfg.split, center_crop=cfg.center_crop, cache_dir=cfg.cache_dir,
-            device_resident=cfg.device_resident,
-        )
-    raise ConfigError(f"data.name={cfg.name!r} has no data module")
 
 
 def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:
@@ -75,62 +52,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()  # fail on missing or corrupt data before anything is written
 
-    model = WGAN(
-        image_size=cfg.data.image_size,
-        channels=datamodule.channels,
-        log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps,
-        **dataclasses.asdict(cfg.model),
-    )
+    model = WGAN(image_size=cfg.data.image_size, channels=datamodule.channels,
+                 log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, **dataclasses.asdict(cfg.model))
     if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts
         check_resumable(cfg.ckpt_path, dict(model.hparams))
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks: list[L.Callback] = [
-        ExactResume(),  # first: it records the data position before any checkpoint of this batch is written
-        OneRunDir(run_dir),
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="epoch{epoch:03d}-gen{gen_step:.0f}",
-            auto_insert_metric_name=False,
-            every_n_epochs=cfg.checkpoint_every_n_epochs,
-            save_top_k=-1,  # periodic: keep every one
-            save_last=False,  # last.ckpt is LastCheckpoint's and GracefulStop's (wgan_lit/checkpointing.py)
-            enable_version_counter=False,  # a resumed run re-saving an epoch file overwrites it
-        ),
-    ]
-    if cfg.logger.sample_every_n_gen_steps > 0:
-        callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps))
-    if cfg.max_gen_steps > 0:
-        callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
-    # After GeneratorStepLimit: the last scoring sees its should_stop and scores the final model.
-    callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, ckpt_dir, datamodule)
-    callbacks += [  # Lightning runs LastCheckpoint last, so it saves at the batch where any callback stops the run
-        LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps),
-        GracefulStop(ckpt_dir),
-        DivergenceGuard(),
-    ]
-    if cfg.logger.timelapse and cfg.logger.sample_every_n_gen_steps > 0:
-        callbacks.append(Timelapse(run_dir))  # after SampleGrid, whose last frame it needs
-    callbacks.append(NoisePerRank(cfg.seed))  # after ExactResume, which restores RNG states at train start
-    callbacks += extra_callbacks
-    logger = build_logger(cfg, run_dir)
-    if isinstance(logger, TensorBoardLogger):
-        callbacks.append(HParamsSummary(dataclasses.asdict(cfg)))  # last: sees every metric logged at the end
-
     trainer = L.Trainer(
-        **dataclasses.asdict(cfg.trainer),
-        logger=logger,
-        callbacks=callbacks,
+        **cfg.trainer,
+        logger=build_logger(cfg, run_dir),
+        callbacks=build_callbacks(cfg, run_dir, datamodule, extra_callbacks),
         default_root_dir=run_dir,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,  # the module logs on its own generator-step schedule
-        plugins=[AtomicCheckpointIO()],  # every checkpoint write is all-or-nothing
+        plugins=[AtomicCheckpointIO()],
     )
-    with warnings.catch_warnings():
-        if hasattr(datamodule, "sampler"):  # a ResumableSampler: the data module restores its own position,
-            # which Lightning cannot see (wgan_lit/resume.py), so its warning about mid-epoch resumes is wrong
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -166,25 +99,57 @@ def last_checkpoint_note(run_dir: str | Path) -> str:
             f"{resume_command(run_dir, last)} model.lr_d=... model.lr_g=...")
 
 
+def relaunch_ranks_as_this_job() -> None:
+    """Under ``-m``, make Lightning's re-run of the command line this job alone, in this job's directory."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return  # a single run: Lightning already re-runs it with hydra.run.dir = this run's directory
+    # The job's own overrides (sweep lists already split into this job's values), without -m.
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    # Lightning appends hydra.run.dir=<run.dir>; under -m that must be the job's sweep subdirectory.
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+# What Lightning's subprocess launcher puts in rank 0's environment (lightning.fabric...subprocess_script).
+_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def ddp_job() -> Iterator[None]:
+    """Scope of one Hydra job that may start DDP: ranks > 0 re-run this job alone, and the job leaves no
+    process group or launcher variables behind for the next job of a sweep (which then launches its own)."""
+    relaunch_ranks_as_this_job()
+    env_before = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    had_group = dist.is_available() and dist.is_initialized()  # a group from before this job is not ours
+    try:
+        yield
+    finally:
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        config = validate(cfg)
-    except ConfigError as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
+@hydra.main(version_base="1.3", config_path=cli.CONF_DIR, config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    config = validate(cfg)  # already checked by main(); this builds the dataclasses
     print(OmegaConf.to_yaml(cfg, resolve=True))
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         with ddp_job():  # DDP ranks > 0 re-run this job, not the whole sweep
             metrics = train(config, run_dir)
     except (DataError, CheckpointError, OneRunDirError, ClassifierError) as err:
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except SIGTERMException as stop:  # Ctrl-C or SIGTERM: GracefulStop saved a checkpoint
+        cli.fail(str(err))
+    except SIGTERMException as stop:  # Ctrl-C or SIGTERM: LastCheckpoint saved the batch it stopped at
         print(interrupted_message(run_dir), file=sys.stderr)
         sys.exit(stop.code)
     except DivergenceError as err:
@@ -192,6 +157,12 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     print(f"Run directory: {run_dir}")
     return metrics.get("W")
+
+
+def main() -> None:
+    """``python -m wgan_lit.train``: the command line is checked whole (every sweep job) before Hydra runs."""
+    cli.check_train_command_line(sys.argv[1:], validate)
+    _main()
 
 
 if __name__ == "__main__":

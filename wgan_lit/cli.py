@@ -1,0 +1,93 @@
+"""The one command-line grammar of every wgan_lit command: Hydra's ``key=value`` overrides.
+
+``train`` is a Hydra app; ``generate``, ``evaluate`` and ``timelapse`` compose their dataclass schema through
+the same Hydra API, so all four accept the same overrides, list their keys with ``--help``, and report any bad
+input as one ``Error: ...`` line with exit code 2 before they start work or write a file.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+T = TypeVar("T")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def describe(err: BaseException) -> str:
+    """One line from a Hydra or OmegaConf error: what was wrong, without the traceback hint."""
+    if isinstance(err, MissingConfigException) and err.options:
+        return f"{str(err).splitlines()[0]} (available: {', '.join(err.options)})"
+    lines = [str(err).splitlines()[0]]
+    cause = err.__cause__
+    if cause is not None and str(cause):
+        # OmegaConf appends "    full_key: ..." detail lines: the override already names the key.
+        lines += [line for line in str(cause).splitlines() if line and not line.startswith(" ")][:2]
+    return ": ".join(dict.fromkeys(line.strip().rstrip(".") for line in lines))
+
+
+def compose_or_exit(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(describe(err))
+
+
+def check_train_command_line(argv: Sequence[str], validate: Callable[[DictConfig], Any]) -> None:
+    """Compose and validate the training config of ``argv`` (every job of a ``-m`` sweep) before Hydra runs."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(list(argv))
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return  # Hydra prints something and runs nothing
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException as err:
+        fail(describe(err))
+    if args.multirun:
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+    else:
+        jobs = [list(args.overrides)]
+    for job in jobs:
+        cfg = compose_or_exit(args.config_name or "train", job)
+        try:
+            validate(cfg)
+        except ValueError as err:
+            fail(f"{err}" if len(jobs) == 1 else f"in sweep job {' '.join(job)}: {err}")
+
+
+def parse(schema: type[T], argv: Sequence[str], prog: str, doc: str,
+          check: Callable[[T], list[str]] = lambda _: []) -> T:
+    """``argv`` (``key=value`` overrides) over the dataclass ``schema``; ``--help`` prints ``doc`` and the keys."""
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        keys = OmegaConf.to_yaml(OmegaConf.structured(schema)).replace("???", "???  # required")
+        print(f"usage: python -m {prog} key=value [key=value ...]\n\n{doc.strip()}\n\nKeys and defaults:\n{keys}")
+        sys.exit(0)
+    name = f"{prog.rsplit('.', 1)[-1]}_schema"
+    ConfigStore.instance().store(name=name, node=schema)
+    cfg = compose_or_exit(name, argv)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        fail(f"{err.full_key}: {str(err).splitlines()[0]}; write {err.full_key}=VALUE (--help lists the keys)")
+    bad = check(obj)
+    if bad:
+        fail("\n".join(bad))
+    return obj
