@@ -1,19 +1,36 @@
-"""Shared fixtures: tiny IDX datasets written in Fashion-MNIST's format, and a tiny in-memory data module."""
+"""Shared fixtures and helpers: tiny Fashion-MNIST files, the tiny-model settings, runs and their checkpoints."""
 
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from wgan_lit.config import TrainConfig, register_configs
 from wgan_lit.data import InMemoryImages, pass_through, to_unit_range
 
 REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+PROBE = REPO / "tests" / "ddp_probe.py"
+register_configs()
+
+# The tiny model every run in the tests uses, as module keyword arguments and as command-line overrides.
+TINY = dict(g_features=8, d_features=8, latent_dim=16, n_fixed_samples=4)
+TINY_ARGS = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "model.g_features=8",
+             "model.d_features=8", "model.latent_dim=16", "model.n_fixed_samples=4", "data.batch_size=16",
+             "model.n_critic=2"]
+TAGS = ("critic/loss", "critic/wasserstein", "generator/loss")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -73,4 +90,55 @@ def tiny_trainer(n_batches: int, callbacks: list | None = None, **kwargs) -> L.T
     )
 
 
-TINY = dict(g_features=8, d_features=8, latent_dim=16, n_fixed_samples=4)
+def tiny_config(data: Path, max_gen_steps: int, ckpt_path: str = "", **model) -> TrainConfig:
+    """For ``train()`` in-process. 128 images / batch 16 = 8 critic batches per epoch; n_critic=2 -> 4 generator
+    steps per epoch."""
+    c = TrainConfig()
+    c.data.root, c.data.batch_size = str(data), 16
+    for k, v in {**TINY, "n_critic": 2, **model}.items():
+        setattr(c.model, k, v)
+    c.trainer = {"accelerator": "cpu", "devices": 1, "deterministic": True, "enable_progress_bar": False,
+                 "enable_model_summary": False, "max_epochs": 10}
+    c.logger.log_every_n_gen_steps, c.logger.sample_every_n_gen_steps = 1, 3
+    c.max_gen_steps, c.ckpt_path = max_gen_steps, ckpt_path
+    return c
+
+
+def compose_train(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra)
+
+
+def run_cli(command: list[str], cwd: Path, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
+    """``python <command>`` (e.g. ``["-m", "wgan_lit.train", ...]``) in ``cwd``; asserts success unless told not."""
+    proc = subprocess.run([sys.executable, *command], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()  # reads every event file of the directory: the first run's and the resumed run's
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in TAGS}
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["wgan_counters"] == b["wgan_counters"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():  # generator, critic, BatchNorm statistics, fixed noise
+        assert torch.equal(value, b["state_dict"][key]), key
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for (ia, sa), (ib, sb) in zip(opt_a["state"].items(), opt_b["state"].items(), strict=True):
+            assert ia == ib and all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa)
+
+
+def probe_reports(run_dir: Path, rank: int) -> list[dict]:
+    """The ddp_probe.py reports of one rank of a run, in the order its parts ran (a resumed run has several)."""
+    paths = sorted((run_dir / "probe").glob(f"rank{rank}-from*.json"), key=lambda p: int(p.stem.split("from")[1]))
+    return [json.loads(p.read_text()) for p in paths]

@@ -43,6 +43,9 @@ class Probe(L.Callback):
         # Images are distinct, so the sorted pixel sums of a batch identify which images it holds.
         self.report["batches"].append(sorted(batch.flatten(1).sum(1).round(decimals=3).tolist()))
 
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # an interrupted run reports what it trained on, too
+
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.report.update(
             end={"critic": params_hash(pl_module.critic), "generator": params_hash(pl_module.generator)},

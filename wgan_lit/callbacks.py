@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -44,18 +44,7 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, datamodule: L.LightningData
     # After GeneratorStepLimit: the last scoring sees its should_stop and scores the final model.
     callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, ckpt_dir, datamodule)
     if cfg.trainer.get("enable_checkpointing", True):
-        callbacks += [
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="epoch{epoch:03d}-gen{gen_step:.0f}",
-                auto_insert_metric_name=False,
-                every_n_epochs=cfg.checkpoint_every_n_epochs,
-                save_top_k=-1,  # periodic: keep every one
-                save_last=False,  # last.ckpt is LastCheckpoint's
-                enable_version_counter=False,  # a resumed run re-saving an epoch file overwrites it
-            ),
-            LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps),
-        ]
+        callbacks.append(LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps, cfg.checkpoint_every_n_epochs))
     callbacks += extra
     callbacks.append(HParamsSummary(dataclasses.asdict(cfg)))  # last: sees every metric logged at the end
     return callbacks
@@ -119,11 +108,14 @@ class GeneratorStepLimit(L.Callback):
 
 
 class LastCheckpoint(Checkpoint):
-    """Own ``<dirpath>/last.ckpt``: every N generator steps, when a run stops, at epoch ends, and on a signal.
+    """Own ``<dirpath>/last.ckpt`` and the periodic ``epochNNN-genM.ckpt`` files.
 
-    A ``Checkpoint`` subclass, so Lightning runs it after all other callbacks and it saves the state of the
-    batch at which any of them stopped the run. A stop mid-epoch is saved at its batch, not at the epoch end
-    that follows, which Lightning would take for a finished epoch.
+    ``last.ckpt`` is written every N generator steps, at the end of every epoch, when a run stops and on a
+    signal; ``epochNNN-genM.ckpt`` at the end of every k-th epoch. All at a batch end: Lightning runs
+    ``Checkpoint`` callbacks after all others, so this one saves the state of the batch at which any of them
+    stopped the run, and an epoch's file is written only once its last batch is done. (Lightning skips the
+    data position of a checkpoint written in ``on_train_epoch_end``, and a resumed run then replays the
+    epoch's order.)
 
     The first SIGINT (Ctrl-C) or SIGTERM finishes the batch, saves, and raises ``SIGTERMException``; a second
     Ctrl-C stops at once. Own handlers because Lightning's (2.6) leave SIGINT to a KeyboardInterrupt in the
@@ -132,17 +124,20 @@ class LastCheckpoint(Checkpoint):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, dirpath: str | Path, every_n_gen_steps: int = 0) -> None:
-        self.path = Path(dirpath) / "last.ckpt"
-        self.every = every_n_gen_steps
+    def __init__(self, dirpath: str | Path, every_n_gen_steps: int = 0, every_n_epochs: int = 1) -> None:
+        self.dirpath = Path(dirpath)
+        self.path = self.dirpath / "last.ckpt"
+        self.every, self.every_n_epochs = every_n_gen_steps, every_n_epochs
         self.received: int | None = None  # the signal that asked for the stop
-        self._saved_at: tuple[int, int] | None = None  # (gen_step, global_step) of the last write
+        self._saved_at: tuple[int, int] | None = None  # (gen_step, global_step) of the last write of last.ckpt
         self._previous: dict[int, Any] = {}
 
-    def _save(self, trainer: L.Trainer, pl_module: WGAN) -> None:
+    def _save(self, trainer: L.Trainer, pl_module: WGAN, path: Path | None = None) -> None:
         key = (pl_module.gen_step, trainer.global_step)
-        if key != self._saved_at and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self.path, weights_only=False)  # rank 0 writes, atomically (plugin)
+        if trainer.fast_dev_run or (path is None and key == self._saved_at):
+            return
+        trainer.save_checkpoint(path or self.path, weights_only=False)  # rank 0 writes, atomically (plugin)
+        if path is None:
             self._saved_at = key
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -166,16 +161,16 @@ class LastCheckpoint(Checkpoint):
         signalled = self.received is not None
         if trainer.world_size > 1:  # any rank's signal stops every rank at this same batch
             signalled = trainer.strategy.reduce_boolean_decision(signalled, all=False)
+        epoch_done = batch_idx + 1 >= trainer.num_training_batches
         generator_stepped = pl_module.critic_step_in_iter == 0
         due = self.every > 0 and generator_stepped and pl_module.gen_step % self.every == 0
-        if signalled or trainer.should_stop or due:
+        if signalled or trainer.should_stop or due or epoch_done:
             self._save(trainer, pl_module)
+        if epoch_done and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            name = f"epoch{trainer.current_epoch:03d}-gen{pl_module.gen_step}.ckpt"
+            self._save(trainer, pl_module, self.dirpath / name)
         if signalled:
             raise SIGTERMException(128 + (self.received or signal.SIGTERM))  # train.main prints the resume
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: WGAN) -> None:
-        if not trainer.should_stop:  # a stop mid-epoch was saved at its batch (see the class docstring)
-            self._save(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: WGAN, exception: BaseException) -> None:
         self._restore_handlers()

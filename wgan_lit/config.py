@@ -201,7 +201,8 @@ def check_trainer(trainer: dict[str, Any]) -> list[str]:
                 "False); use trainer=cpu, or trainer=ddp_cpu for two CPU processes"]
     # Lightning checks the values itself when a Trainer is built; building one writes nothing.
     quiet = logging.getLogger("lightning.pytorch")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # setLevel, not .level: it clears logging's cache of enabled levels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -210,7 +211,7 @@ def check_trainer(trainer: dict[str, Any]) -> list[str]:
         given = " ".join(f"trainer.{k}={v}" for k, v in trainer.items())
         return [f"lightning.Trainer refused {given}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"]
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
     return []
 
 

@@ -13,7 +13,7 @@ batch by batch, so N = 50,000 needs memory for one batch. The latent codes come 
 the same seed gives the same codes whatever the device or batch size. A checkpoint trained on a GPU loads on
 a CPU (``device=cpu``, or ``auto`` when no GPU is present). ``interpolate=[A,B]`` walks the great circle from
 seed A's code to seed B's in ``steps`` images instead of sampling (``n``, ``seed``, ``batch_size`` and
-``nrow`` are then unused).
+``nrow`` are then unused); ``fps`` is the speed of its ``.gif``. ``nrow`` is the images per row of a grid.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
@@ -150,7 +151,8 @@ def _main(cfg: DictConfig) -> float | None:
     except (DataError, CheckpointError, OneRunDirError, ClassifierError) as err:
         cli.fail(str(err))
     except SIGTERMException as stop:  # Ctrl-C or SIGTERM: LastCheckpoint saved the batch it stopped at
-        print(interrupted_message(run_dir), file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every DDP rank stops here; one says how to go on
+            print(interrupted_message(run_dir), file=sys.stderr)
         sys.exit(stop.code)
     except DivergenceError as err:
         print(f"Error: {err}\n{last_checkpoint_note(run_dir)}", file=sys.stderr)
