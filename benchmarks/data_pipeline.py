@@ -28,8 +28,12 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from wgan_lit.data import to_unit_range  # noqa: E402
-from wgan_lit.images import ImageFolderDataModule, find_images  # noqa: E402
+from wgan_lit.config import DataConfig  # noqa: E402
+from wgan_lit.data import (
+    ImageFolderDataModule,  # noqa: E402
+    to_unit_range,  # noqa: E402
+)
+from wgan_lit.image_files import find_images  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, width: int = 178, height: int = 218) -> None:
@@ -129,8 +133,8 @@ def main() -> None:
         print(f"{len(files)} images -> {size}x{size}, batch {batch}, {os.cpu_count()} CPUs (load average "
               f"{os.getloadavg()[0]:.1f}), torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
 
-        dm = ImageFolderDataModule(root=str(root), batch_size=batch, image_size=size,
-                                   cache_dir=str(Path(tmp) / "cache"))
+        dm = ImageFolderDataModule(DataConfig(name="folder", root=str(root), batch_size=batch, image_size=size,
+                                              cache_dir=str(Path(tmp) / "cache")))
         t = time.perf_counter()
         dm.prepare_data()
         build = time.perf_counter() - t

@@ -46,11 +46,12 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from wgan_lit.cli import CONF_DIR  # noqa: E402
 from wgan_lit.config import register_configs, validate  # noqa: E402
-from wgan_lit.data import FashionMNISTDataModule, locate_fashion_mnist  # noqa: E402
+from wgan_lit.data import FashionMNISTDataModule, build_datamodule  # noqa: E402
+from wgan_lit.fashion_mnist import locate_fashion_mnist  # noqa: E402
 from wgan_lit.module import WGAN, critic_loss, generator_loss  # noqa: E402
 from wgan_lit.networks import Critic, Generator  # noqa: E402
-from wgan_lit.train import CONF_DIR, build_datamodule  # noqa: E402
 
 # name -> Hydra overrides on top of the default config; each switches one fast-path option off or on.
 CPU_VARIANTS: dict[str, list[str]] = {
@@ -105,7 +106,7 @@ def plain_rate(cfg: argparse.Namespace, dataset: torch.utils.data.Dataset, devic
     """Generator iterations/s of the seed projects' loop."""
     torch.manual_seed(0)
     netG = Generator(cfg.latent_dim, cfg.channels, cfg.image_size, cfg.features).to(device)
-    netD = Critic(cfg.channels, cfg.image_size, cfg.features).to(device)
+    netD = Critic(cfg.channels, cfg.image_size, cfg.features, True).to(device)
     optD = torch.optim.RMSprop(netD.parameters(), lr=5e-5)
     optG = torch.optim.RMSprop(netG.parameters(), lr=5e-5)
     loader = seed_loader(dataset, cfg.batch_size, cfg.workers, device)
@@ -218,19 +219,16 @@ def lightning_rate(cfg: argparse.Namespace, overrides: list[str], dataset: torch
         datamodule: L.LightningDataModule = PerItemDataModule(dataset, cfg.batch_size, cfg.workers, cfg.channels,
                                                               cfg.device)
     elif cfg.channels == 3:
-        d = tc.data
-        datamodule = RGBFashionMNIST(d.root, d.batch_size, d.image_size, d.num_workers, d.download, d.split,
-                                     d.device_resident)
+        datamodule = RGBFashionMNIST(tc.data)
     else:
         datamodule = build_datamodule(tc.data)
     model = WGAN(image_size=tc.data.image_size, channels=datamodule.channels,
                  log_every_n_gen_steps=tc.logger.log_every_n_gen_steps, **dataclasses.asdict(tc.model))
     timer = GenIterTimer(cfg.warmup, cfg.iters)
     trainer = L.Trainer(
-        **dataclasses.asdict(tc.trainer),
+        **{**tc.trainer, "enable_checkpointing": False, "enable_model_summary": False},
         logger=TensorBoardLogger(save_dir=log_dir, name="tb", version="", default_hp_metric=False),
-        callbacks=[timer], enable_checkpointing=False, enable_model_summary=False,
-        default_root_dir=log_dir, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
+        callbacks=[timer], default_root_dir=log_dir,
     )
     trainer.fit(model, datamodule=datamodule)
     return rate_from(timer.stamps)
@@ -242,7 +240,7 @@ def lightning_rate(cfg: argparse.Namespace, overrides: list[str], dataset: torch
 def flops_per_gen_iter(cfg: argparse.Namespace, device: torch.device) -> int:
     """Matmul/conv FLOPs (forward and backward) of n_critic critic steps + one generator step."""
     netG = Generator(cfg.latent_dim, cfg.channels, cfg.image_size, cfg.features).to(device)
-    netD = Critic(cfg.channels, cfg.image_size, cfg.features).to(device)
+    netD = Critic(cfg.channels, cfg.image_size, cfg.features, True).to(device)
     real = torch.zeros(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     z = torch.randn(cfg.batch_size, cfg.latent_dim, device=device)
     with FlopCounterMode(display=False) as counter:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from wgan_lit.config import TrainConfig, register_configs
+import wgan_lit.fashion_mnist as fmnist_mod
+from wgan_lit.config import LoggerConfig, TrainConfig, register_configs
 from wgan_lit.data import InMemoryImages, pass_through, to_unit_range
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,16 +93,17 @@ def tiny_trainer(n_batches: int, callbacks: list | None = None, **kwargs) -> L.T
     )
 
 
-def tiny_config(data: Path, max_gen_steps: int, ckpt_path: str = "", **model) -> TrainConfig:
+def tiny_config(data: Path, max_gen_steps: int, ckpt_path: str = "", logger: dict | None = None,
+                **model) -> TrainConfig:
     """For ``train()`` in-process. 128 images / batch 16 = 8 critic batches per epoch; n_critic=2 -> 4 generator
-    steps per epoch."""
+    steps per epoch. ``logger``: LoggerConfig fields (default: curves every step, grids every 3)."""
     c = TrainConfig()
     c.data.root, c.data.batch_size = str(data), 16
     for k, v in {**TINY, "n_critic": 2, **model}.items():
         setattr(c.model, k, v)
     c.trainer = {"accelerator": "cpu", "devices": 1, "deterministic": True, "enable_progress_bar": False,
                  "enable_model_summary": False, "max_epochs": 10}
-    c.logger.log_every_n_gen_steps, c.logger.sample_every_n_gen_steps = 1, 3
+    c.logger = LoggerConfig(**logger) if logger is not None else LoggerConfig(log_every_n_gen_steps=1, sample_every_n_gen_steps=3)
     c.max_gen_steps, c.ckpt_path = max_gen_steps, ckpt_path
     return c
 
@@ -142,3 +146,77 @@ def probe_reports(run_dir: Path, rank: int) -> list[dict]:
     """The ddp_probe.py reports of one rank of a run, in the order its parts ran (a resumed run has several)."""
     paths = sorted((run_dir / "probe").glob(f"rank{rank}-from*.json"), key=lambda p: int(p.stem.split("from")[1]))
     return [json.loads(p.read_text()) for p in paths]
+
+
+@pytest.fixture
+def no_system_copy(monkeypatch, request):
+    """Only the generated files are found, not an installed copy, except in the tests of the real data."""
+    if "real_data" not in request.keywords:
+        monkeypatch.setattr(fmnist_mod, "SYSTEM_DIRS", [])
+
+
+# ---- the commands' one-line errors ---------------------------------------------------------------------------
+
+
+def call(main: Callable[[list[str]], int], args: list[str], capsys) -> tuple[int, str, str]:
+    """A command's main(args) as the shell sees it: (exit code, stdout, stderr); SystemExit (cli.parse) included."""
+    try:
+        code = main(list(args))
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error(code: int, out: str, err: str, *fragments: str, one_line: bool = True) -> None:
+    assert code == 2, (code, out, err)
+    assert err.startswith("Error: ") and err.count("\nError: ") == 0, err
+    if one_line:
+        assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in out + err and "HYDRA_FULL_ERROR" not in out + err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+# ---- CelebA in its own layout, generated -----------------------------------------------------------------------
+
+N_JPEGS, W, H = 40, 40, 50  # CelebA's faces are 178 wide, 218 high: portrait, like these
+SPLIT_OF = {**{i: 0 for i in range(30)}, **{i: 1 for i in range(30, 35)}, **{i: 2 for i in range(35, 40)}}
+
+
+def picture(i: int, w: int = W, h: int = H) -> np.ndarray:
+    """A smooth gradient in a colour of its own plus noise: realistic JPEGs, different from each other."""
+    rng = np.random.default_rng(i)
+    yy, xx = np.mgrid[:h, :w] / max(w, h)
+    colour = rng.uniform(40, 215, size=3)
+    img = colour + 40 * np.stack([yy, xx, yy * xx], -1) + rng.normal(0, 8, size=(h, w, 3))
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def make_celeba(root: Path, partition: bool = True) -> Path:
+    """40 JPEGs in CelebA's layout, a corrupt one, a gray one, an RGBA and a palette PNG (all 'train')."""
+    folder = root / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    for i in range(N_JPEGS):
+        Image.fromarray(picture(i)).save(folder / f"{i:06d}.jpg", quality=90)
+    (folder / "000040.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    Image.new("L", (W, H), 100).save(folder / "000041.jpg")
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    rgba[:, W // 2:, 3] = 0  # right half fully transparent
+    Image.fromarray(rgba, "RGBA").save(folder / "000042.png")
+    Image.new("P", (W, H), 3).save(folder / "000043.png")  # palette index 3 of the default palette
+    if partition:
+        lines = [f"{i:06d}.jpg {SPLIT_OF[i]}" for i in range(N_JPEGS)]
+        lines += ["000040.jpg 0", "000041.jpg 0", "000042.png 0", "000043.png 0"]
+        (root / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def celeba(tmp_path: Path) -> Path:
+    return make_celeba(tmp_path / "data")
+
+
+def cache_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.npy"))

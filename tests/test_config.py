@@ -1,54 +1,104 @@
-"""Every config group option composes; bad values fail with the key's name before anything is written."""
+"""config.py: every group option composes; defaults live in the dataclasses alone; the trainer group takes any
+lightning.Trainer argument; bad values fail with one line naming the key before anything is written."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import dataclasses
 
+import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
 from hydra.errors import ConfigCompositionException
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import OmegaConf
 
-from tests.conftest import REPO
-from wgan_lit.config import ConfigError, TrainConfig, register_configs, validate
+from tests.conftest import REPO, compose_train, run_cli
+from wgan_lit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_trainer, validate
+from wgan_lit.module import WGAN
 
 CONF = REPO / "conf"
-register_configs()
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def make(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "trainer", "logger") for o in options(g)]
-                         + [("experiment", o) for o in options("experiment")])
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "trainer", "logger", "metrics")
+                                          for o in options(g)] + [("experiment", o) for o in options("experiment")])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = make([f"{group}={option}"])
-    assert isinstance(validate(cfg), TrainConfig)
+    if option in ("gpu", "ddp") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer.accelerator=gpu: no GPU is visible.*trainer=cpu"):
+            validate(compose_train([f"{group}={option}"]))
+        return
+    assert isinstance(validate(compose_train([f"{group}={option}"])), TrainConfig)
 
 
-def test_trainer_options_inherit_the_default():
-    cpu = make(["trainer=cpu"]).trainer
-    assert cpu.accelerator == "cpu" and cpu.devices == 1 and cpu.max_epochs == make([]).trainer.max_epochs
-
-
-def test_defaults_are_the_papers():
-    cfg = validate(make([]))
+def test_defaults_are_the_papers_and_live_in_the_dataclasses():
+    cfg = validate(compose_train([]))
     m = cfg.model
     paper = ("rmsprop", 5e-5, 5e-5, 0.01, 5, 100)
     assert (m.optimizer, m.lr_g, m.lr_d, m.clip_value, m.n_critic, m.latent_dim) == paper
-    assert cfg.data.name == "fashion_mnist" and cfg.data.batch_size == 64
+    assert cfg.model == ModelConfig() and cfg.data == DataConfig()  # the YAML files add nothing to them
+    assert dict(WGAN().hparams) == {"image_size": 28, "channels": 1, "log_every_n_gen_steps": 10,
+                                    **dataclasses.asdict(ModelConfig())}  # the module takes the same defaults
+
+
+def test_yaml_files_state_only_what_differs_from_the_dataclass_defaults():
+    defaults = OmegaConf.structured(TrainConfig)
+    for group, schema in (("model", "model"), ("data", "data"), ("logger", "logger"), ("metrics", "metrics")):
+        for path in (CONF / group).glob("*.yaml"):
+            own = OmegaConf.load(path) or {}
+            for key, value in own.items():
+                if key != "defaults":
+                    assert defaults[schema][key] != value, f"{path.name} repeats the default {key}={value}"
+    preset = OmegaConf.load(CONF / "experiment" / "celeba_64.yaml")
+    assert set(preset.model) == {"latent_dim"}  # the one model setting it changes
+
+
+def test_trainer_options_inherit_the_default_and_the_default_is_one_device():
+    default, cpu = validate(compose_train([])).trainer, validate(compose_train(["trainer=cpu"])).trainer
+    assert default["devices"] == 1 and "accelerator" not in default  # Lightning's own default: auto
+    assert cpu == {**default, "accelerator": "cpu"}
+
+
+@pytest.mark.parametrize("override,key,value", [
+    ("trainer.limit_train_batches=2", "limit_train_batches", 2),
+    ("trainer.fast_dev_run=true", "fast_dev_run", True),
+    ("trainer.profiler=simple", "profiler", "simple"),
+    ("trainer.log_every_n_steps=7", "log_every_n_steps", 7),
+    ("+trainer.gradient_clip_val=0.5", "gradient_clip_val", 0.5),  # Hydra's append syntax works too
+])
+def test_any_trainer_argument_is_accepted_and_reaches_the_trainer(override, key, value):
+    cfg = validate(compose_train(["trainer=cpu", override]))
+    assert cfg.trainer[key] == value
+    assert key not in validate(compose_train(["trainer=cpu"])).trainer or key == "log_every_n_steps"  # control
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.limit_trian_batches=2", "trainer.limit_trian_batches: not an argument of lightning.Trainer; did you "
+                                      "mean trainer.limit_train_batches?"),
+    ("trainer.callbacks=[]", "trainer.callbacks: set by wgan_lit"),
+    ("trainer.precision=foo", "trainer.precision='foo': lightning.Trainer refused it: Precision 'foo' is invalid"),
+    ("trainer.max_time=soon", "trainer.max_time='soon': lightning.Trainer refused it"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: expected -1 (no limit) or an integer >= 1"),
+])
+def test_a_bad_trainer_argument_is_one_line_naming_it(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_train(["trainer=cpu", override]))
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_check_trainer_passes_good_arguments_and_names_each_bad_one():
+    assert check_trainer({"accelerator": "cpu", "limit_train_batches": 3}) == []
+    assert check_trainer({"accelerator": "cpu", "nope": 1, "logger": False}) == [
+        "trainer.nope: not an argument of lightning.Trainer",
+        "trainer.logger: set by wgan_lit; use the logger group (logger=tensorboard or logger=csv)"]
 
 
 def test_every_value_is_overridable():
-    cfg = validate(make(["model.clip_value=0.02", "model.n_critic=3", "data.batch_size=32", "trainer=cpu",
-                         "max_gen_steps=7", "logger.sample_every_n_gen_steps=0"]))
+    cfg = validate(compose_train(["model.clip_value=0.02", "model.n_critic=3", "data.batch_size=32", "trainer=cpu",
+                                  "max_gen_steps=7", "logger.sample_every_n_gen_steps=0"]))
     assert (cfg.model.clip_value, cfg.model.n_critic, cfg.data.batch_size, cfg.max_gen_steps) == (0.02, 3, 32, 7)
 
 
@@ -57,44 +107,108 @@ def test_every_value_is_overridable():
                                           ("model.nope=1", "model.nope")])
 def test_wrong_types_and_unknown_keys_fail_at_compose_time(override, key):
     with pytest.raises(ConfigCompositionException) as err:
-        make([override])
+        compose_train([override])
     assert key in str(err.value) or key in str(err.value.__cause__)
-
-
-def test_unknown_group_option_lists_the_available_ones():
-    with pytest.raises(Exception, match=r"(?s)Could not find 'data/nope'.*fashion_mnist"):
-        make(["data=nope"])
 
 
 @pytest.mark.parametrize("override,key", [
     ("model.n_critic=0", "model.n_critic=0"), ("model.clip_value=-1", "model.clip_value=-1.0"),
     ("model.lr_d=0", "model.lr_d=0.0"), ("data.batch_size=0", "data.batch_size=0"),
     ("data.image_size=30", "data.image_size=30"), ("model.optimizer=sgd", "model.optimizer='sgd'"),
-    ("max_gen_steps=0", "max_gen_steps=0"),
+    ("max_gen_steps=0", "max_gen_steps=0"), ("cpu_threads=-1", "cpu_threads=-1"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, key):
     with pytest.raises(ConfigError, match="expected") as err:
-        validate(make([override]))
-    assert key in str(err.value)
+        validate(compose_train([override]))
+    assert str(err.value).startswith(key)
+
+
+def test_a_missing_ckpt_path_is_rejected_with_the_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"ckpt_path='.*gone.ckpt': expected an existing checkpoint file"):
+        validate(compose_train([f"ckpt_path={tmp_path}/gone.ckpt"]))
+
+
+def test_device_resident_refuses_worker_processes():
+    with pytest.raises(ConfigError, match="data.num_workers=2.*device_resident"):
+        validate(compose_train(["data.device_resident=true", "data.num_workers=2"]))
+    validate(compose_train(["data.device_resident=true"]))
+    validate(compose_train(["data.num_workers=2"]))
+
+
+# ---- the trainer options -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["ddp", "ddp_cpu"])
+def test_ddp_options_find_unused_parameters(option):
+    # The critic step leaves the generator without gradients: DDP without it fails on the second step.
+    trainer = dict(compose_train([f"trainer={option}"]).trainer)
+    if option == "ddp" and not torch.cuda.is_available():
+        trainer.update(accelerator="cpu", devices=2)  # same strategy, built without GPUs
+    t = L.Trainer(**trainer, logger=False)
+    assert isinstance(t.strategy, DDPStrategy)
+    assert t.strategy._ddp_kwargs.get("find_unused_parameters") is True
+    if option == "ddp_cpu":
+        assert t.num_devices == 2 and t.strategy.root_device.type == "cpu"
+        assert t.strategy._get_process_group_backend() == "gloo"
+
+
+def test_ddp_option_takes_every_gpu_and_scales_to_nodes():
+    t = compose_train(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]).trainer
+    assert (t.accelerator, t.devices, t.num_nodes) == ("gpu", 4, 2)
+    assert compose_train(["trainer=ddp"]).trainer.devices == -1
+
+
+@needs_gpu
+@pytest.mark.parametrize("overrides", [["trainer=gpu", "trainer.precision=bf16-mixed"], ["trainer=ddp"]])
+def test_gpu_options_build_a_trainer_on_gpus(overrides):
+    t = L.Trainer(**validate(compose_train(overrides)).trainer, logger=False)
+    assert t.strategy.root_device.type == "cuda"
+
+
+def test_slurm_launcher_option_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="optional extra: pip install -e .[slurm]")
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.nodes=2",
+                         "hydra.launcher.tasks_per_node=4"], hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 1)
+    assert cfg.trainer.num_nodes == 2
+
+
+def test_sweep_and_run_dirs_carry_microseconds_so_sweeps_started_in_one_second_differ():
+    first, second = (compose_train([], hydra=True).hydra for _ in range(2))
+    assert first.sweep.dir != second.sweep.dir and first.run.dir != second.run.dir
+    assert first.sweep.dir.rsplit("/", 1)[0] == second.sweep.dir.rsplit("/", 1)[0]  # same date folder
+    assert OmegaConf.to_container(first.sweep)["subdir"] == "${hydra.job.num}"  # one subdirectory per job
+
+
+def test_cpu_15min_preset_is_bounded_by_time_alone():
+    from lightning.pytorch.callbacks import Timer
+
+    cfg = validate(compose_train(["experiment=fashion_cpu_15min"]))
+    assert cfg.trainer["max_time"] == "00:00:15:00" and cfg.trainer["max_epochs"] == -1 and cfg.max_gen_steps == -1
+    trainer = L.Trainer(**{**cfg.trainer, "accelerator": "cpu"}, logger=False, enable_checkpointing=False)
+    (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
+    assert timer._duration == 15 * 60
+
+
+# ---- through the command line --------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,expected", [
-    (["model.n_critic=abc"], "model.n_critic"),
-    (["model.n_critic=0"], "model.n_critic=0: expected an integer >= 1"),
-    (["model.clip_value=-1"], "model.clip_value=-1.0: expected a number > 0"),
-    (["data=nope"], "Could not find 'data/nope'"),
+    (["model.n_critic=abc"], "Error: model.n_critic=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["model.n_critic=0"], "Error: model.n_critic=0: expected an integer >= 1"),
+    (["model.clip_value=-1"], "Error: model.clip_value=-1.0: expected a number > 0"),
+    (["data=nope"], "Could not find 'data/nope' (available: celeba, fashion_mnist, folder)"),
     (["-m", "model.clip_value=0.01,-1"], "model.clip_value=-1.0: expected a number > 0"),
+    (["trainer.limit_trian_batches=2"], "Error: trainer.limit_trian_batches: not an argument of lightning.Trainer"),
+    (["trainer.precision=foo"], "Error: trainer.precision='foo': lightning.Trainer refused it"),
+    (["trainer=gpu"] if not torch.cuda.is_available() else ["trainer.max_time=soon"], "Error: trainer."),
 ])
-def test_command_line_rejects_bad_input_before_writing_anything(tmp_path: Path, args, expected):
-    proc = subprocess.run([sys.executable, "-m", "wgan_lit.train", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={**_env(), "HYDRA_FULL_ERROR": "0"})
-    assert proc.returncode != 0
-    assert expected in proc.stderr + proc.stdout
+def test_command_line_rejects_bad_input_in_one_line_before_writing_anything(tmp_path, args, expected):
+    proc = run_cli(["-m", "wgan_lit.train", *args], cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == [], "nothing may be written for a rejected command line"
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(REPO)}

@@ -1,7 +1,14 @@
-"""python -m wgan_lit.generate: grids, raw tensors streamed in batches, seeds, interpolations, bad files."""
+"""python -m wgan_lit.generate: key=value overrides, grids, raw tensors streamed in batches, seeds,
+interpolations, and one ``Error:`` line (exit code 2) for every bad command line or file."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import write_fake_fashion_mnist
-from tests.test_resume import tiny_config
-from wgan_lit.generate import main, slerp
+from tests.conftest import REPO, assert_one_error, call, tiny_config, write_fake_fashion_mnist
+from wgan_lit import generate as gen
+from wgan_lit.generate import GenerateConfig, main, slerp
 from wgan_lit.module import WGAN
 from wgan_lit.train import train
 
@@ -19,17 +26,43 @@ from wgan_lit.train import train
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("gen")
-    train(tiny_config(write_fake_fashion_mnist(tmp / "data", n_train=64), 2), tmp / "run")
+    train(tiny_config(write_fake_fashion_mnist(tmp / "fmnist"), 4, logger={}), tmp / "run")
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
-def test_png_grid(ckpt, tmp_path):
-    out = tmp_path / "grid.png"
-    assert main([str(ckpt), "-n", "9", "--output", str(out)]) == 0
-    assert Image.open(out).size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)  # 3 x 3 images of 28 px, padding 2
+# ---- --help ------------------------------------------------------------------------------------------
 
 
-def test_raw_samples_are_n_c_h_w_in_range_streamed_in_batches_and_seeded(ckpt, tmp_path, monkeypatch):
+def test_help_lists_every_key_with_its_default_and_exits_0(capsys):
+    code, out, err = call(main, ["--help"], capsys)
+    assert code == 0 and err == ""
+    assert "usage: python -m wgan_lit.generate key=value" in out
+    for f in dataclasses.fields(GenerateConfig):
+        assert re.search(rf"^  {f.name}=", out, re.M), f.name
+    assert re.search(r"^  checkpoint=\?\?\?  ", out, re.M)
+    assert re.search(r"^  batch_size=500  ", out, re.M) and re.search(r"^  interpolate=\[\]  ", out, re.M)
+
+
+# ---- good calls --------------------------------------------------------------------------------------
+
+
+def test_defaults_write_a_square_grid_of_64_to_samples_png(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = call(main, [f"checkpoint={ckpt}"], capsys)
+    assert code == 0 and "Wrote samples.png" in out
+    with Image.open(tmp_path / "samples.png") as im:
+        assert im.format == "PNG" and im.size == (8 * 28 + 9 * 2, 8 * 28 + 9 * 2)  # 8 x 8 images, padding 2
+
+
+def test_png_grid_size_follows_n_and_nrow(ckpt, tmp_path, capsys):
+    square, rows = tmp_path / "grid.png", tmp_path / "sub" / "rows.png"
+    assert call(main, [f"checkpoint={ckpt}", "n=9", f"output={square}"], capsys)[0] == 0
+    assert Image.open(square).size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)  # nrow=0: sqrt(9) = 3 per row
+    assert call(main, [f"checkpoint={ckpt}", "n=6", "nrow=3", f"output={rows}"], capsys)[0] == 0
+    assert Image.open(rows).size == (3 * 28 + 4 * 2, 2 * 28 + 3 * 2)  # the output's folder is made
+
+
+def test_raw_samples_are_n_c_h_w_in_range_streamed_in_batches_and_seeded(ckpt, tmp_path, monkeypatch, capsys):
     seen: list[int] = []
     real = WGAN.generate
 
@@ -39,29 +72,47 @@ def test_raw_samples_are_n_c_h_w_in_range_streamed_in_batches_and_seeded(ckpt, t
 
     monkeypatch.setattr(WGAN, "generate", spy)
     npz, pt = tmp_path / "s.npz", tmp_path / "s.pt"
-    assert main([str(ckpt), "-n", "37", "--batch-size", "8", "--seed", "5", "--output", str(npz)]) == 0
+    base = [f"checkpoint={ckpt}", "n=37", "seed=5", "device=cpu"]
+    assert call(main, [*base, "batch_size=8", f"output={npz}"], capsys)[0] == 0
     assert seen == [8, 8, 8, 8, 5]  # never more than one batch in flight
-    # key=value spelling, another batch size: the same codes, so the same images up to float rounding
-    assert main([f"checkpoint={ckpt}", "n=37", "batch_size=37", "seed=5", f"output={pt}"]) == 0
-    a, b = np.load(npz)["samples"], torch.load(pt, weights_only=True)
-    assert a.shape == (37, 1, 28, 28) and a.dtype == np.float32 and b.shape == (37, 1, 28, 28)
-    assert a.min() >= -1 and a.max() <= 1
+    # another batch size and format: the same codes, so the same images up to float rounding
+    assert call(main, [*base, "batch_size=37", f"output={pt}"], capsys)[0] == 0
+    with np.load(npz) as f:
+        assert list(f.keys()) == ["samples"]
+        a = f["samples"]
+    b = torch.load(pt, weights_only=True)
+    assert a.shape == (37, 1, 28, 28) and a.dtype == np.float32
+    assert b.shape == (37, 1, 28, 28) and b.dtype == torch.float32
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0
     assert np.allclose(a, b.numpy(), atol=1e-5)
     again = tmp_path / "again.npz"
-    main([str(ckpt), "-n", "37", "--batch-size", "8", "--seed", "5", "--output", str(again)])
+    assert call(main, [*base, "batch_size=8", f"output={again}"], capsys)[0] == 0
     assert np.array_equal(np.load(again)["samples"], a)  # same seed, same batch size: identical
     other = tmp_path / "other.npz"
-    main([str(ckpt), "-n", "37", "--batch-size", "8", "--seed", "6", "--output", str(other)])
+    assert call(main, [f"checkpoint={ckpt}", "n=37", "seed=6", f"output={other}"], capsys)[0] == 0
     assert not np.allclose(np.load(other)["samples"], a)
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".buffer-" in p.name] == []
 
 
-def test_interpolation_as_gif_and_as_a_row(ckpt, tmp_path):
-    gif, png = tmp_path / "walk.gif", tmp_path / "walk.png"
-    assert main([str(ckpt), "--interpolate", "1", "2", "--steps", "6", "--output", str(gif)]) == 0
-    assert Image.open(gif).n_frames == 6 + 4  # forward, then back without repeating the ends
-    assert main([str(ckpt), "--interpolate", "1", "2", "--steps", "6", "--output", str(png)]) == 0
+def test_interpolation_as_gif_row_and_tensor_from_seed_a_to_seed_b(ckpt, tmp_path, capsys):
+    gif, png, npz = tmp_path / "walk.gif", tmp_path / "walk.png", tmp_path / "walk.npz"
+    walk = [f"checkpoint={ckpt}", "interpolate=[3,7]", "steps=6"]
+    assert call(main, [*walk, f"output={gif}", "fps=4"], capsys)[0] == 0
+    with Image.open(gif) as im:
+        assert im.format == "GIF" and im.n_frames == 6 + 4  # forward, then back without repeating the ends
+        assert im.info["duration"] == 250  # fps=4
+    assert call(main, [*walk, f"output={png}"], capsys)[0] == 0
     assert Image.open(png).size == (6 * 28 + 7 * 2, 28 + 2 * 2)
+    assert call(main, [*walk, f"output={npz}"], capsys)[0] == 0
+    path = np.load(npz)["samples"]
+    assert path.shape == (6, 1, 28, 28) and path.min() >= -1 and path.max() <= 1
+    ends = []
+    for seed in (3, 7):  # the walk starts at seed 3's sample and ends at seed 7's
+        one = tmp_path / f"seed{seed}.npz"
+        assert call(main, [f"checkpoint={ckpt}", "n=1", f"seed={seed}", f"output={one}"], capsys)[0] == 0
+        ends.append(np.load(one)["samples"][0])
+    assert np.allclose(path[0], ends[0], atol=1e-4) and np.allclose(path[-1], ends[1], atol=1e-4)
+    assert not np.allclose(path[0], path[-1], atol=1e-3)
 
 
 def test_slerp_ends_at_both_codes():
@@ -71,19 +122,123 @@ def test_slerp_ends_at_both_codes():
     assert torch.allclose(path[0], a, atol=1e-5) and torch.allclose(path[-1], b, atol=1e-5)
 
 
-@pytest.mark.parametrize("content", [None, b"", b"not a checkpoint", "half"])
+def test_python_functions_keep_their_signatures(ckpt, tmp_path):
+    model = gen.load_generator(ckpt, device="cpu")
+    assert model.gen_step == 4 and not model.training
+    out = gen.generate(ckpt, 4, tmp_path / "a.npz", seed=1, batch_size=2, device="cpu", nrow=None)
+    assert np.load(out)["samples"].shape == (4, 1, 28, 28)
+    out = gen.interpolate(ckpt, 1, 2, tmp_path / "b.pt", steps=3, device="cpu", fps=8.0)
+    assert torch.load(out, weights_only=True).shape == (3, 1, 28, 28)
+    with pytest.raises(ValueError, match="x.jpg"):
+        gen.generate(ckpt, 4, tmp_path / "x.jpg")
+
+
+# ---- bad command lines: one Error line, exit code 2, nothing written; the right value works ------------
+
+OUT = "out.png"  # relative to the test's tmp_path (the cwd)
+
+
+@pytest.mark.parametrize(
+    ("bad", "good", "fragments"),
+    [
+        pytest.param(["nn=9"], ["n=9"], ["'nn'", "not in 'GenerateConfig'"], id="unknown-key"),
+        pytest.param(["n=abc"], ["n=4"], ["n=abc", "Integer"], id="wrong-type-int"),
+        pytest.param(["fps=fast", "interpolate=[1,2]"], ["fps=2.5", "interpolate=[1,2]"], ["fps=fast"],
+                     id="wrong-type-float"),
+        pytest.param(["interpolate=3"], ["interpolate=[3,4]"], ["interpolate=3"], id="wrong-type-list"),
+        pytest.param(["n=0"], ["n=1"], ["n=0: expected an integer >= 1"], id="bad-value-n"),
+        pytest.param(["batch_size=0"], ["batch_size=1"], ["batch_size=0: expected an integer >= 1"],
+                     id="bad-value-batch-size"),
+        pytest.param(["nrow=-1"], ["nrow=2"], ["nrow=-1"], id="bad-value-nrow"),
+        pytest.param(["interpolate=[3]"], ["interpolate=[3,3]"], ["interpolate=[3]", "two seeds"],
+                     id="bad-value-interpolate"),
+        pytest.param(["interpolate=[1,2]", "steps=1"], ["interpolate=[1,2]", "steps=2"], ["steps=1"],
+                     id="bad-value-steps"),
+        pytest.param(["interpolate=[1,2]", "fps=0"], ["interpolate=[1,2]", "fps=1"], ["fps=0.0"],
+                     id="bad-value-fps"),
+        pytest.param(["device=tpu"], ["device=cpu"], ["device='tpu'", "auto, cpu, cuda"], id="bad-value-device"),
+        pytest.param(["output=out.jpg"], ["output=out.npz"], ["out.jpg", "expected a .png, .pt or .npz"],
+                     id="bad-output-suffix"),
+        pytest.param(["output=out.gif"], ["output=out.gif", "interpolate=[1,2]"], ["interpolate=[A,B]"],
+                     id="gif-without-interpolate"),
+    ],
+)
+def test_bad_value_is_one_error_line_and_the_right_one_works(ckpt, tmp_path, monkeypatch, capsys, bad, good,
+                                                            fragments):
+    monkeypatch.chdir(tmp_path)
+    args = [f"checkpoint={ckpt}", "n=4", "steps=3", f"output={OUT}"]
+    assert_one_error(*call(main, [*args, *bad], capsys), *fragments)
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+    code, out, err = call(main, [*args, *good], capsys)
+    assert code == 0, err
+    assert len(list(tmp_path.iterdir())) == 1 and "Wrote" in out
+
+
+def test_missing_checkpoint_key_is_one_error_line(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert_one_error(*call(main, ["n=4"], capsys), "checkpoint", "write checkpoint=VALUE")
+    assert list(tmp_path.iterdir()) == []
+    assert call(main, [f"checkpoint={ckpt}", "n=4"], capsys)[0] == 0
+
+
+def test_the_old_option_spelling_is_refused_in_one_line(ckpt, capsys):
+    assert_one_error(*call(main, [f"checkpoint={ckpt}", "--output", "x.png"], capsys))
+    assert_one_error(*call(main, [str(ckpt)], capsys))  # a bare path: not key=value
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_device_cuda_without_a_gpu_names_device_cpu(ckpt, tmp_path, capsys):
+    assert_one_error(*call(main, [f"checkpoint={ckpt}", "device=cuda", f"output={tmp_path / 'x.png'}"], capsys),
+                     "no CUDA device is visible", "device=cpu")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible")
+def test_device_cuda_gives_the_cpu_samples(ckpt, tmp_path, capsys):
+    for device in ("cpu", "cuda"):
+        assert call(main, [f"checkpoint={ckpt}", "n=16", f"device={device}", f"output={tmp_path / device}.npz"],
+                    capsys)[0] == 0
+    cpu, cuda = (np.load(tmp_path / f"{d}.npz")["samples"] for d in ("cpu", "cuda"))
+    assert np.allclose(cpu, cuda, atol=1e-3)  # the same codes: drawn on the CPU whatever the device
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a checkpoint", "half", "folder"])
 def test_bad_checkpoint_is_one_message_naming_the_file(ckpt, tmp_path, capsys, content):
     bad = tmp_path / "bad.ckpt"
     if content == "half":
         bad.write_bytes(ckpt.read_bytes()[:5000])
+    elif content == "folder":
+        bad.mkdir()
     elif content is not None:
         bad.write_bytes(content)
-    assert main([str(bad), "--output", str(tmp_path / "x.png")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"Error: checkpoint {bad}:") and "Traceback" not in err
+    assert_one_error(*call(main, [f"checkpoint={bad}", f"output={tmp_path / 'x.png'}"], capsys),
+                     f"Error: checkpoint {bad}:")
     assert not (tmp_path / "x.png").exists()
 
 
-def test_wrong_output_suffix_is_refused(ckpt, tmp_path, capsys):
-    assert main([str(ckpt), "--output", str(tmp_path / "x.jpg")]) == 2
-    assert "x.jpg: expected a .png, .pt or .npz" in capsys.readouterr().err
+def test_a_checkpoint_of_another_wgan_version_is_one_message(ckpt, tmp_path, capsys):
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    blob["hyper_parameters"]["setting_of_a_later_version"] = 1
+    other = tmp_path / "other.ckpt"
+    torch.save(blob, other)
+    assert_one_error(*call(main, [f"checkpoint={other}", f"output={tmp_path / 'x.png'}"], capsys),
+                     f"checkpoint {other}: does not fit")
+
+
+@pytest.mark.slow
+def test_the_module_entry_point(ckpt, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "wgan_lit.generate", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    bad = run(f"checkpoint={ckpt}", "n=many")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("Error: ") and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "Traceback" not in bad.stderr and "HYDRA_FULL_ERROR" not in bad.stderr and "n=many" in bad.stderr
+    good = run(f"checkpoint={ckpt}", "n=5", "output=s.pt", "device=cpu")
+    assert good.returncode == 0, good.stderr[-3000:]
+    samples = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert samples.shape == (5, 1, 28, 28) and -1 <= samples.min() and samples.max() <= 1
+    assert math.isfinite(samples.sum().item())

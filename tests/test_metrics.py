@@ -15,8 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from tests.conftest import REPO, TINY, RandomImages, tiny_trainer, write_fake_fashion_mnist
 from wgan_lit import classifier as clf
-from wgan_lit import evaluate
-from wgan_lit.data import SYSTEM_DIRS, load_fashion_mnist, locate_fashion_mnist
+from wgan_lit.fashion_mnist import SYSTEM_DIRS, load_fashion_mnist, locate_fashion_mnist
 from wgan_lit.metrics import (
     SampleQuality,
     SampleQualityCallback,
@@ -285,8 +284,9 @@ def test_train_with_metrics_on_logs_them_and_writes_a_best_checkpoint(tmp_path, 
     from hydra import compose, initialize_config_dir
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from wgan_lit.cli import CONF_DIR
     from wgan_lit.config import validate
-    from wgan_lit.train import CONF_DIR, train
+    from wgan_lit.train import train
 
     data = write_fake_fashion_mnist(tmp_path / "data", n_train=128, n_test=64)
     weights = clf.save(tiny_classifier(), tmp_path / "c.pt", test_accuracy=1.0)  # plumbing only: no real data
@@ -334,90 +334,6 @@ def test_metrics_config_values_are_checked():
     assert not [key for key, _, ok, _ in _rules(TrainConfig()) if not ok]
 
 
-# ---- the evaluate command -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def run_with_checkpoint(tmp_path_factory) -> tuple[Path, Path, Path]:
-    tmp = tmp_path_factory.mktemp("eval")
-    data = write_fake_fashion_mnist(tmp / "data", n_train=64, n_test=64)
-    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
-    trainer = tiny_trainer(1)
-    trainer.fit(WGAN(**TINY), datamodule=RandomImages(n=16, batch_size=8))
-    trainer.save_checkpoint(ckpt)
-    weights = clf.save(tiny_classifier(), tmp / "c.pt", test_accuracy=1.0)
-    return ckpt, data, weights
-
-
-def eval_args(run_with_checkpoint) -> list[str]:
-    ckpt, data, weights = run_with_checkpoint
-    return [
-        f"checkpoint={ckpt}",
-        f"data_root={data}",
-        f"classifier_path={weights}",
-        "n_samples=30",
-        "kid_subset_size=20",
-        "kid_subsets=5",
-        "inception=false",
-    ]
-
-
-def test_evaluate_prints_one_table(run_with_checkpoint, capsys):
-    assert evaluate.main(eval_args(run_with_checkpoint)) == 0
-    out = capsys.readouterr().out
-    assert "30 samples, seed 0, vs 64 real fashion_mnist images" in out
-    for row in ("fd_classifier", "kid", "coverage", "class Trouser"):
-        assert any(line.startswith(row) and line.split()[-1] != "n/a" for line in out.splitlines()), row
-    assert any(
-        line.startswith("fid_inception") and "n/a" in line and "inception=false" in line
-        for line in out.splitlines()
-    )
-
-
-def test_evaluate_json_is_deterministic_and_matches_the_scorer(run_with_checkpoint, capsys):
-    assert evaluate.main([*eval_args(run_with_checkpoint), "--json"]) == 0
-    first = json.loads(capsys.readouterr().out)
-    assert evaluate.main([*eval_args(run_with_checkpoint), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == first
-    assert set(first["metrics"]) == {"fd_classifier", "kid", "kid_std", "coverage"}
-    assert sum(first["class_fractions"].values()) == pytest.approx(1.0)
-    assert first["gen_step"] == 0 and first["n_real"] == 64
-
-
-def test_evaluate_bad_command_lines_are_one_clear_error(run_with_checkpoint, tmp_path, capsys):
-    assert evaluate.main(["checkpoint=" + str(tmp_path / "none.ckpt")]) == 2
-    assert "none.ckpt: no such file" in capsys.readouterr().err
-    assert evaluate.main([]) == 2
-    assert "checkpoint" in capsys.readouterr().err
-    assert evaluate.main([*eval_args(run_with_checkpoint), "nsamples=3"]) == 2
-    assert "nsamples" in capsys.readouterr().err
-    assert evaluate.main([*eval_args(run_with_checkpoint), "n_samples=many"]) == 2
-    assert "n_samples" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_evaluate_command_line(run_with_checkpoint):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "wgan_lit.evaluate", *eval_args(run_with_checkpoint), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["metrics"]["coverage"] >= 0
-
-
-def test_evaluate_reads_the_data_section_of_the_run(tmp_path):
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    (tmp_path / "run" / ".hydra").mkdir(parents=True)
-    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(
-        "data:\n  name: fashion_mnist\n  root: /somewhere\n  image_size: 32\n  key_of_a_later_version: 1\n"
-    )
-    assert evaluate.run_data_config(ckpt, "").root == "/somewhere"
-    assert evaluate.run_data_config(ckpt, "/elsewhere").root == "/elsewhere"
-    assert evaluate.run_data_config(tmp_path / "x.ckpt", "").root == "data"  # not in a run directory
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The training timelapse (end of run and command) and notebooks/explore_run.ipynb run top to bottom."""
+"""notebooks/explore_run.ipynb runs top to bottom on a tiny run."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO, write_fake_fashion_mnist
-from tests.test_resume import tiny_config
-from wgan_lit.timelapse import find_frames, main
+from tests.conftest import REPO, tiny_config, write_fake_fashion_mnist
 from wgan_lit.train import train
 
 
@@ -23,35 +19,6 @@ def run(tmp_path_factory) -> Path:
     cfg.logger.sample_every_n_gen_steps = 1
     train(cfg, tmp / "run")
     return tmp / "run"
-
-
-def test_a_run_ends_with_its_timelapse_as_a_gif_and_in_tensorboard(run):
-    frames = find_frames(run)
-    assert [step for step, _ in frames] == [0, 1, 2, 3, 4]
-    gif = Image.open(run / "timelapse.gif")
-    assert gif.n_frames == 5
-    assert gif.size[0] == Image.open(frames[0][1]).size[0]  # the grid, plus a caption strip below
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
-    acc.Reload()
-    assert "timelapse" in acc.Tags()["images"]
-    assert acc.Images("timelapse")[-1].encoded_image_string[:6] == b"GIF89a"  # TensorBoard animates it
-
-
-def test_the_timelapse_command_over_a_run_directory(run, tmp_path, capsys):
-    out = tmp_path / "t.gif"
-    assert main([str(run), "--output", str(out), "--fps", "4", "--no-tensorboard"]) == 0
-    assert Image.open(out).n_frames == 5 and Image.open(out).info["duration"] == 250
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert main([str(empty)]) == 2
-    assert "no sample grids" in capsys.readouterr().err
-
-
-def test_the_timelapse_is_off_with_the_switch(tmp_path):
-    cfg = tiny_config(write_fake_fashion_mnist(tmp_path / "data", n_train=64), 1)
-    cfg.logger.timelapse = False
-    train(cfg, tmp_path / "run")
-    assert find_frames(tmp_path / "run") and not (tmp_path / "run" / "timelapse.gif").exists()
 
 
 @pytest.mark.slow

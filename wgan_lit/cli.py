@@ -7,7 +7,11 @@ input as one ``Error: ...`` line with exit code 2 before they start work or writ
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -15,8 +19,8 @@ from typing import Any, NoReturn, TypeVar
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 T = TypeVar("T")
@@ -31,7 +35,7 @@ def describe(err: BaseException) -> str:
     """One line from a Hydra or OmegaConf error: what was wrong, without the traceback hint."""
     if isinstance(err, MissingConfigException) and err.options:
         return f"{str(err).splitlines()[0]} (available: {', '.join(err.options)})"
-    lines = [str(err).splitlines()[0]]
+    lines = [str(err).splitlines()[0].removeprefix("Error merging override ")]
     cause = err.__cause__
     if cause is not None and str(cause):
         # OmegaConf appends "    full_key: ..." detail lines: the override already names the key.
@@ -77,17 +81,50 @@ def parse(schema: type[T], argv: Sequence[str], prog: str, doc: str,
     """``argv`` (``key=value`` overrides) over the dataclass ``schema``; ``--help`` prints ``doc`` and the keys."""
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        keys = OmegaConf.to_yaml(OmegaConf.structured(schema)).replace("???", "???  # required")
-        print(f"usage: python -m {prog} key=value [key=value ...]\n\n{doc.strip()}\n\nKeys and defaults:\n{keys}")
+        keys = "\n".join(help_lines(schema, OmegaConf.structured(schema)))
+        print(f"usage: python -m {prog} key=value [key=value ...]\n\n{doc.strip()}\n\nKeys (=default):\n{keys}")
         sys.exit(0)
     name = f"{prog.rsplit('.', 1)[-1]}_schema"
     ConfigStore.instance().store(name=name, node=schema)
     cfg = compose_or_exit(name, argv)
+    unknown = unknown_keys(schema, cfg)
+    if unknown:  # "+key=value" adds a key Hydra does not check against the schema
+        fail(f"{unknown[0]}: not a key of this command (--help lists the keys)")
     try:
         obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        fail(f"{err.full_key} is required: write {err.full_key}=VALUE (--help lists the keys)")
     except OmegaConfBaseException as err:
-        fail(f"{err.full_key}: {str(err).splitlines()[0]}; write {err.full_key}=VALUE (--help lists the keys)")
+        fail(f"{err.full_key}: {str(err).splitlines()[0]} (--help lists the keys)")
     bad = check(obj)
     if bad:
         fail("\n".join(bad))
     return obj
+
+
+def unknown_keys(schema: type, node: DictConfig, prefix: str = "") -> list[str]:
+    types = typing.get_type_hints(schema)
+    out = [f"{prefix}{k}" for k in node if k not in types]
+    for name, kind in types.items():
+        if dataclasses.is_dataclass(kind) and name in node:
+            out += unknown_keys(kind, node[name], f"{prefix}{name}.")
+    return out
+
+
+def help_lines(schema: type, node: DictConfig, prefix: str = "") -> list[str]:
+    """``  key=default  comment`` for every field, nested dataclasses as dotted keys; comments from the source."""
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(schema), re.M))
+    types = typing.get_type_hints(schema)
+    lines = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(types[f.name]):
+            lines += help_lines(types[f.name], node[f.name], f"{key}.")
+            continue
+        value = "???" if OmegaConf.is_missing(node, f.name) else node[f.name]
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, ListConfig):
+            value = "[" + ",".join(map(str, value)) + "]"
+        lines.append(f"  {key}={value}" + (f"  {comments[f.name]}" if f.name in comments else ""))
+    return lines

@@ -200,19 +200,31 @@ def check_trainer(trainer: dict[str, Any]) -> list[str]:
         return [f"trainer.accelerator={trainer['accelerator']}: no GPU is visible (torch.cuda.is_available() is "
                 "False); use trainer=cpu, or trainer=ddp_cpu for two CPU processes"]
     # Lightning checks the values itself when a Trainer is built; building one writes nothing.
+    error = _trainer_error(trainer)
+    if error is None:
+        return []
+    # Name the argument: the first one whose addition makes Lightning refuse.
+    culprit = next((k for i, k in enumerate(trainer) if _trainer_error(dict(list(trainer.items())[: i + 1]))),
+                   None)
+    what = f"trainer.{culprit}={trainer[culprit]!r}" if culprit else "trainer"
+    return [f"{what}: lightning.Trainer refused it: {error}"]
+
+
+def _trainer_error(kwargs: dict[str, Any]) -> str | None:
+    import lightning as L
+
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # setLevel, not .level: it clears logging's cache of enabled levels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            L.Trainer(**trainer, logger=False)
+            L.Trainer(**kwargs, logger=False)
     except Exception as err:  # noqa: BLE001 - Lightning raises ValueError, TypeError, MisconfigurationException
-        given = " ".join(f"trainer.{k}={v}" for k, v in trainer.items())
-        return [f"lightning.Trainer refused {given}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"]
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
     finally:
         quiet.setLevel(level)
-    return []
+    return None
 
 
 def validate(cfg: DictConfig) -> TrainConfig:

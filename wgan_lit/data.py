@@ -87,19 +87,21 @@ class ResumableLoader(StatefulDataLoader):
       from the last batch of an epoch skipped the whole next epoch.
     """
 
-    def _epoch(self) -> int:
-        return next(s.epoch for s in (self.sampler, getattr(self.batch_sampler, "sampler", None))
-                    if isinstance(s, DistributedSampler))
+    def _epoch(self) -> int | None:
+        return next((s.epoch for s in (self.sampler, getattr(self.batch_sampler, "sampler", None))
+                     if isinstance(s, DistributedSampler)), None)
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        if state.get("_num_yielded", 0) >= len(self):
-            return {"sampler_epoch": self._epoch() + 1}  # no position: the next iterator starts a new pass
-        return {**state, "sampler_epoch": self._epoch()}
+        state, epoch = super().state_dict(), self._epoch()
+        if epoch is not None and state.get("_num_yielded", 0) >= len(self):
+            return {"sampler_epoch": epoch + 1}  # no position: the next iterator starts a new pass
+        return {**state, "sampler_epoch": epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
-        _set_sampler_epoch(self, state.pop("sampler_epoch"))
+        epoch = state.pop("sampler_epoch", None)
+        if epoch is not None:
+            _set_sampler_epoch(self, epoch)
         if state:
             super().load_state_dict(state)
 

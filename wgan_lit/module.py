@@ -28,13 +28,15 @@ class DivergenceError(RuntimeError):
 
 
 def critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
-    """E[D(G(z))] - E[D(x)]: minimising it maximises the Wasserstein estimate E[D(x)] - E[D(G(z))]."""
-    return fake_scores.mean() - real_scores.mean()
+    """E[D(G(z))] - E[D(x)]: minimising it maximises the Wasserstein estimate E[D(x)] - E[D(G(z))].
+
+    Reduced in float32: under bf16 autocast the scores are bf16, whose 3 digits would blur the estimate."""
+    return fake_scores.float().mean() - real_scores.float().mean()
 
 
 def generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
-    """-E[D(G(z))]: the generator moves its samples towards where the critic scores real data."""
-    return -fake_scores.mean()
+    """-E[D(G(z))]: the generator moves its samples towards where the critic scores real data (float32)."""
+    return -fake_scores.float().mean()
 
 
 @torch.no_grad()
