@@ -103,7 +103,8 @@ def tiny_config(data: Path, max_gen_steps: int, ckpt_path: str = "", logger: dic
         setattr(c.model, k, v)
     c.trainer = {"accelerator": "cpu", "devices": 1, "deterministic": True, "enable_progress_bar": False,
                  "enable_model_summary": False, "max_epochs": 10}
-    c.logger = LoggerConfig(**logger) if logger is not None else LoggerConfig(log_every_n_gen_steps=1, sample_every_n_gen_steps=3)
+    default_logger = {"log_every_n_gen_steps": 1, "sample_every_n_gen_steps": 3}
+    c.logger = LoggerConfig(**(default_logger if logger is None else logger))
     c.max_gen_steps, c.ckpt_path = max_gen_steps, ckpt_path
     return c
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,22 @@ def train_with_probe(*args: Any, _train: Any = cli.train, **kwargs: Any) -> dict
     return _train(*args, extra_callbacks=[Probe()], **kwargs)  # a fresh probe for each job of a sweep
 
 
+def nan_after(n_batches: int) -> None:
+    """From batch ``n_batches + 1`` on, this process's batches are NaN (a divergence on one rank only)."""
+    import wgan_lit.data as data
+
+    real, calls = data.to_unit_range, [0]
+
+    def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return real(batch).fill_(float("nan")) if calls[0] > n_batches else real(batch)
+
+    data.to_unit_range = to_unit_range
+
+
 if __name__ == "__main__":
+    # PROBE_NAN_RANK=R PROBE_NAN_AFTER=N: rank R's batches turn NaN after N (Lightning sets LOCAL_RANK for R > 0).
+    if os.environ.get("PROBE_NAN_RANK") == os.environ.get("LOCAL_RANK", "0"):
+        nan_after(int(os.environ["PROBE_NAN_AFTER"]))
     cli.train = train_with_probe  # main() looks train up at call time
     cli.main()

@@ -180,6 +180,13 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+def test_the_step_of_a_divergence_is_absolute_after_a_resume(tmp_path, data, monkeypatch):
+    train(tiny_config(data, 3), tmp_path)  # generator step 3
+    monkeypatch.setattr(data_mod, "to_unit_range", nan_after(2))  # resumed batches 1-2: step 4; batch 3: step 5
+    with pytest.raises(DivergenceError, match="at generator step 5"):
+        train(tiny_config(data, 8, ckpt_path=str(tmp_path / "checkpoints/last.ckpt")), tmp_path)
+
+
 # ---- one run directory under DDP --------------------------------------------------------------------------
 
 

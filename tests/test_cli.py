@@ -44,7 +44,7 @@ def test_help_lists_every_key_and_its_default(capsys):
     (["path=x", "nope=1"], "Could not override 'nope'"),
     (["path=x", "+nope=1"], "nope: not a key of this command"),
     (["n=4"], "path is required: write path=VALUE"),
-    (["path=x", "n"], "Error parsing override 'n'"),
+    (["path=x", "n"], "'n': expected key=value"),
 ])
 def test_bad_input_is_one_error_line_with_exit_code_2(capsys, argv, message):
     tool, err, code = parse(argv, capsys)

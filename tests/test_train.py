@@ -337,6 +337,18 @@ def test_ddp_resume_after_sigterm_is_exact_on_both_ranks(tmp_path, data, ddp_str
     assert_ddp_resume_is_exact(ddp_straight, tmp_path)
 
 
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_with_the_same_message(tmp_path, data):
+    env = {**ENV, "PROBE_NAN_RANK": "1", "PROBE_NAN_AFTER": "6"}  # rank 1's 7th batch: generator step 4
+    proc = subprocess.run([sys.executable, str(PROBE), *DDP, f"data.root={data}", f"hydra.run.dir={tmp_path}",
+                           "max_gen_steps=20", "logger.log_every_n_gen_steps=5", "checkpoint_every_n_gen_steps=2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # Caught at the checkpoint write due at step 4, decided by both ranks together: no rank hangs.
+    assert proc.stderr.count("NaN or inf at generator step 4.") == 2, proc.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "checkpoints/last.ckpt")["wgan_counters"]["gen_step"] == 2  # kept
+
+
 @pytest.fixture(scope="module")
 def ddp_sweep(tmp_path_factory, data) -> Path:
     """``-m model.clip_value=0.01,0.02 trainer=ddp_cpu``: two jobs, each two processes; returns the launch dir."""

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -33,6 +33,8 @@ def fail(message: str) -> NoReturn:
 
 def describe(err: BaseException) -> str:
     """One line from a Hydra or OmegaConf error: what was wrong, without the traceback hint."""
+    if isinstance(err, OverrideParseException):
+        return f"{err.override!r}: expected key=value (--help lists the keys)"
     if isinstance(err, MissingConfigException) and err.options:
         return f"{str(err).splitlines()[0]} (available: {', '.join(err.options)})"
     lines = [str(err).splitlines()[0].removeprefix("Error merging override ")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import lightning as L
@@ -68,11 +69,11 @@ class WGAN(L.LightningModule):
         fixed = torch.randn(hp.n_fixed_samples, hp.latent_dim, generator=gen)
         self.register_buffer("fixed_noise", fixed)
         self.gen_step = 0  # generator updates done
-        # Divergence guard, kept on the device so it costs no sync per step: whether every loss so far was
-        # finite, and how many generator steps completed with only finite losses. Read at log points and
-        # before every checkpoint write (check_finite).
-        self.register_buffer("_all_finite", torch.tensor(True), persistent=False)
-        self.register_buffer("_finite_gen_steps", torch.tensor(0), persistent=False)
+        # Divergence guard: the first generator step (absolute, 1-based) at which a loss was NaN/inf, inf while
+        # none was. On the device, so it costs no sync per step; read at log points and before every checkpoint
+        # write, decided with the other ranks (check_finite). A plain attribute, not a buffer: DDP would
+        # overwrite every rank's with rank 0's.
+        self._first_bad_step: torch.Tensor | None = None
         self.critic_step_in_iter = 0  # critic updates done since the last generator update
 
     # ---- the algorithm -------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class WGAN(L.LightningModule):
             else:  # the seed projects' loop, one kernel launch per tensor (kept to measure the difference)
                 for p in self.critic.parameters():
                     p.data.clamp_(-self.hparams.clip_value, self.hparams.clip_value)
-        self._all_finite &= torch.isfinite(d_loss.detach())
+        self._watch(d_loss)
         self.critic_step_in_iter += 1
 
         if self.critic_step_in_iter < self.critic_iters(self.gen_step):
@@ -115,26 +116,41 @@ class WGAN(L.LightningModule):
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
-        self._all_finite &= torch.isfinite(g_loss.detach())
-        self._finite_gen_steps += self._all_finite
+        self._watch(g_loss)
         self.critic_step_in_iter = 0
         self.gen_step += 1
         self.log("gen_step", self.gen_step, prog_bar=True, logger=False)  # host int: no device sync
         if self.gen_step % self.hparams.log_every_n_gen_steps == 0:
             self._log_curves(d_loss=d_loss, g_loss=g_loss)
 
+    def _watch(self, loss: torch.Tensor) -> None:
+        """Note the generator step in progress if ``loss`` is not finite (no device sync)."""
+        if self._first_bad_step is None or self._first_bad_step.device != loss.device:
+            self._first_bad_step = torch.tensor(math.inf, device=loss.device)
+        step = torch.tensor(float(self.gen_step + 1), device=loss.device)
+        bad = torch.where(torch.isfinite(loss.detach()), math.inf, step)
+        self._first_bad_step = torch.minimum(self._first_bad_step, bad)
+
+    def _agreed_first_bad_step(self, device: torch.device) -> torch.Tensor:
+        """The first bad step over all ranks (the minimum), so that every rank decides alike."""
+        first_bad = self._first_bad_step if self._first_bad_step is not None else torch.tensor(math.inf)
+        first_bad = first_bad.to(device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            first_bad = self.trainer.strategy.reduce(first_bad, reduce_op="min")
+        return first_bad
+
     def _log_curves(self, d_loss: torch.Tensor, g_loss: torch.Tensor) -> None:
-        # One device sync per log point, none in between.
-        values = torch.stack([d_loss.detach().float(), g_loss.detach().float(), self._all_finite.float(),
-                              self._finite_gen_steps.float()]).cpu().tolist()
-        if not values[2]:
-            raise self._divergence(int(values[3]) + 1)
-        metrics = {"critic/loss": values[0], "critic/wasserstein": -values[0], "generator/loss": values[1]}
+        # One device sync per log point, none in between. Every rank logs at the same step: the reduce is safe.
+        bad = self._agreed_first_bad_step(d_loss.device)
+        d, g, bad = torch.stack([d_loss.detach().float(), g_loss.detach().float(), bad]).cpu().tolist()
+        if bad != math.inf:  # any rank's NaN stops them all, with one message
+            raise self._divergence(int(bad))
+        metrics = {"critic/loss": d, "critic/wasserstein": -d, "generator/loss": g}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.gen_step)
         # Also into callback_metrics (progress bar, checkpoint names); the loggers got them above.
-        self.log("W", -values[0], prog_bar=True, logger=False)
-        self.log("g_loss", values[1], logger=False)  # final value goes to the HParams view (wgan_lit.hparams)
+        self.log("W", -d, prog_bar=True, logger=False)
+        self.log("g_loss", g, logger=False)  # final value goes to the HParams view (HParamsSummary)
 
     def _divergence(self, gen_step: int, what: str = "a critic or generator loss") -> DivergenceError:
         return DivergenceError(
@@ -145,12 +161,14 @@ class WGAN(L.LightningModule):
         )
 
     def check_finite(self) -> None:
-        """Raise DivergenceError unless every loss so far and every weight is finite (one device sync)."""
-        flags = torch.stack([self._all_finite.float(), self._finite_gen_steps.float(),
-                             *(torch.isfinite(p).all().float() for p in self.parameters())]).cpu().tolist()
-        if not flags[0]:
-            raise self._divergence(int(flags[1]) + 1)
-        if not all(flags[2:]):
+        """Raise DivergenceError, on every rank alike, unless every loss so far and every weight is finite."""
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in self.parameters()]).all().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            weights_ok = self.trainer.strategy.reduce(weights_ok, reduce_op="min")
+        bad, ok = torch.stack([self._agreed_first_bad_step(weights_ok.device), weights_ok]).cpu().tolist()
+        if bad != math.inf:
+            raise self._divergence(int(bad))
+        if not ok:
             raise self._divergence(self.gen_step, what="a network weight")
 
     @property
