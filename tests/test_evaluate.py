@@ -80,7 +80,7 @@ def test_the_metrics_keys_and_defaults_are_metrics_config_s():
 def test_evaluate_prints_one_table(run_with_checkpoint, capsys):
     code, out, err = call(evaluate.main, eval_args(run_with_checkpoint), capsys)
     assert code == 0, err
-    assert "(generator step 4): 30 samples, seed 0, vs 64 real fashion_mnist images" in out
+    assert "(generator step 4): 30 samples, seed 0, vs 64 real fashion_mnist test images" in out
     for row in ("fd_classifier", "kid", "coverage", "class Trouser"):
         assert any(re.match(rf"{row}\s+\d+\.\d{{4}}\b", line) for line in out.splitlines()), row
     assert any(
@@ -98,6 +98,7 @@ def test_evaluate_json_is_deterministic_and_follows_the_seed(run_with_checkpoint
     assert all(v == v and v >= 0 for v in first["metrics"].values())  # finite, non-negative
     assert sum(first["class_fractions"].values()) == pytest.approx(1.0)
     assert first["gen_step"] == 4 and first["n_real"] == 64 and first["n_samples"] == 30 and first["seed"] == 0
+    assert first["real_split"] == "test"  # reported against the test set; training chooses by training images
     assert first["skipped"] == {"fid_inception": "metrics.inception=false", "kid_inception": "metrics.inception=false"}
     other = json.loads(call(evaluate.main, [*eval_args(run_with_checkpoint), "json=true", "metrics.seed=1"], capsys)[1])
     assert other["seed"] == 1 and other["metrics"] != first["metrics"]

@@ -354,3 +354,50 @@ def test_under_ddp_rank_0_scores_and_every_rank_logs_the_same(tmp_path):
     assert [(r["rank"], r["built"]) for r in results] == [(0, True), (1, False)]  # real statistics once
     assert results[0]["metrics"] == results[1]["metrics"] and "metrics/fd_classifier" in results[0]["metrics"]
     assert len(list((tmp_path / "ckpt").glob("best-gen*.ckpt"))) == 1
+
+
+def metrics_run(tmp_path: Path, monkeypatch, max_gen_steps: int, ckpt_path: str = "", **trainer):
+    """A tiny in-process run with the metrics every 2 generator steps; the steps at which it scored."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import tiny_config
+    from wgan_lit.train import train
+
+    data = write_fake_fashion_mnist(tmp_path / "data", n_train=128, n_test=64)
+    weights = clf.save(tiny_classifier(), tmp_path / "c.pt", test_accuracy=1.0)  # plumbing only: no real data
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights here
+    cfg = tiny_config(data, max_gen_steps, ckpt_path=ckpt_path)
+    cfg.trainer.update(trainer)
+    cfg.metrics.every_n_gen_steps, cfg.metrics.n_samples, cfg.metrics.kid_subsets = 2, 20, 2
+    cfg.metrics.classifier_path = str(weights)
+    train(cfg, tmp_path / "run")
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars("metrics/fd_classifier")], load_last(tmp_path / "run")
+
+
+def load_last(run: Path) -> int:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["wgan_counters"]["gen_step"]
+
+
+def test_a_max_time_stop_still_scores_the_final_model(tmp_path, monkeypatch):
+    steps, final = metrics_run(tmp_path, monkeypatch, -1, max_epochs=-1, max_time="00:00:00:03")
+    assert final > 0 and steps[0] == 0 and steps[-1] == final  # the model the run ended with
+    assert steps[:-1] == list(range(0, final, 2)) or steps == list(range(0, final + 1, 2))
+
+
+def test_a_resumed_run_does_not_score_the_step_it_resumes_from_again(tmp_path, monkeypatch):
+    first, final = metrics_run(tmp_path, monkeypatch, 4)
+    assert first == [0, 2, 4] and final == 4
+    both, final = metrics_run(tmp_path, monkeypatch, 8, ckpt_path=str(tmp_path / "run/checkpoints/last.ckpt"))
+    assert both == [0, 2, 4, 6, 8]  # both runs' event files: step 4 once
+
+
+def test_training_scores_against_training_images_and_evaluate_against_the_test_set(tmp_path):
+    from wgan_lit.config import DataConfig
+    from wgan_lit.metrics import reference_images
+
+    data = DataConfig(root=str(write_fake_fashion_mnist(tmp_path / "d", n_train=128, n_test=64)))
+    train_ref, test_ref = reference_images(data, 28), reference_images(data, 28, split="test")
+    assert len(train_ref) == 128 and len(test_ref) == 64
+    assert torch.equal(test_ref, load_fashion_mnist(*locate_fashion_mnist(data.root, "test"))[0])

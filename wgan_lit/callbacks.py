@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -41,7 +41,9 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, datamodule: L.LightningData
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps, cfg.logger.timelapse))
     if cfg.max_gen_steps > 0:
         callbacks.append(GeneratorStepLimit(cfg.max_gen_steps))
-    # After GeneratorStepLimit: the last scoring sees its should_stop and scores the final model.
+    if cfg.trainer.get("max_time"):  # here rather than Lightning's own, which it would append after ours
+        callbacks.append(Timer(cfg.trainer["max_time"], interval="step"))
+    # After the stops: the last scoring sees their should_stop and scores the final model.
     callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, ckpt_dir, datamodule)
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_gen_steps, cfg.checkpoint_every_n_epochs))

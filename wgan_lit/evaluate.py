@@ -90,7 +90,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                 f"{', '.join(DATA_MODULES)}")
         datamodule = build_datamodule(data)
         datamodule.setup("fit")
-    scorer = build_sample_quality(mc, data, data.image_size, device, datamodule)
+    # Reported against the test set, which training never scores against (it chooses by training images).
+    split = "test" if data.name == "fashion_mnist" else "train"
+    scorer = build_sample_quality(mc, data, data.image_size, device, datamodule, split)
     skipped: dict[str, str] = {}
     if not mc.inception:
         skipped["fid_inception"] = skipped["kid_inception"] = "metrics.inception=false"
@@ -103,6 +105,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "seed": mc.seed,
         "data": data.name,
         "n_real": 0,
+        "real_split": split,
         "metrics": {},
         "class_fractions": {},
         "skipped": skipped,
@@ -140,7 +143,7 @@ def table(result: dict[str, Any]) -> str:
     lines.insert(1, "-" * (sum(widths) + 6 + len("notes")))
     head = (
         f"{result['checkpoint']} (generator step {result['gen_step']}): {result['n_samples']} samples, "
-        f"seed {result['seed']}, vs {result['n_real']} real {result['data']} images"
+        f"seed {result['seed']}, vs {result['n_real']} real {result['data']} {result['real_split']} images"
     )
     return head + "\n" + "\n".join(lines)
 

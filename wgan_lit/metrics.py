@@ -257,6 +257,8 @@ class SampleQualityCallback(L.Callback):
         self._last_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path:  # the step a checkpoint holds was scored before it was written (same batch end)
+            self._last_step = pl_module.gen_step
         if trainer.is_global_zero and self.scorer is None and self.make_scorer is not None:
             # Initialising (or, the first time, training) the classifier draws random numbers: not the run's.
             with torch.random.fork_rng(devices=[]):
@@ -301,12 +303,15 @@ class SampleQualityCallback(L.Callback):
 # ---- wiring: what train.py and evaluate.py call -------------------------------------------------------
 
 
-def reference_images(data: DataConfig, image_size: int, datamodule: Any = None) -> torch.Tensor | None:
-    """The real images scores are measured against: Fashion-MNIST's test set at the model's image size
-    (resized as the training data is); for other data sets, up to MAX_REFERENCE of the training images."""
+def reference_images(data: DataConfig, image_size: int, datamodule: Any = None,
+                     split: str = "train") -> torch.Tensor | None:
+    """The real images scores are measured against, at the model's image size (resized as the training data
+    is). Fashion-MNIST: ``split`` "train" (the first MAX_REFERENCE training images: what training chooses its
+    best checkpoint by, so the test set stays unseen) or "test" (the whole test set: what evaluate reports).
+    Other data sets: up to MAX_REFERENCE of the training images."""
     if data.name == "fashion_mnist":
-        images, _ = load_fashion_mnist(*locate_fashion_mnist(data.root, "test", data.download))
-        return resize_uint8(images, image_size)
+        images, _ = load_fashion_mnist(*locate_fashion_mnist(data.root, split, data.download))
+        return resize_uint8(images[:MAX_REFERENCE], image_size)
     images = getattr(datamodule, "images", None)
     return None if images is None else images[:MAX_REFERENCE]
 
@@ -317,8 +322,10 @@ def build_sample_quality(
     image_size: int,
     device: str | torch.device = "cpu",
     datamodule: Any = None,
+    split: str = "train",
 ) -> SampleQuality | None:
-    """A SampleQuality with every metric available offline; a one-line notice for each one that is not."""
+    """A SampleQuality with every metric available offline; a one-line notice for each one that is not.
+    ``split``: the real images to compare with (see reference_images)."""
     classifier = None
     if data.name == "fashion_mnist":
         classifier = clf.load_or_build(mc.classifier_path or None, data.root, map_location=device)
@@ -331,7 +338,7 @@ def build_sample_quality(
         weights, why = find_inception_weights(mc.inception_weights)
         if weights is None:
             notice(f"Inception FID/KID skipped: {why}. Continuing without them.")
-    real = reference_images(data, image_size, datamodule)
+    real = reference_images(data, image_size, datamodule, split)
     if real is None or (classifier is None and weights is None):
         notice("no sample-quality metric can be computed for this run; metrics/* will not be logged.")
         return None
@@ -347,8 +354,6 @@ def sample_quality_callbacks(
     ``metrics.checkpoint_monitor`` is set, a ModelCheckpoint keeping the best step as best-gen<N>.ckpt."""
     if mc.every_n_gen_steps <= 0:
         return []
-    if data.name == "fashion_mnist":
-        locate_fashion_mnist(data.root, "test", data.download)  # a missing test set fails before training
 
     def make_scorer(device: torch.device) -> SampleQuality | None:
         return build_sample_quality(mc, data, data.image_size, device, datamodule)

@@ -58,7 +58,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts
         check_resumable(cfg.ckpt_path, dict(model.hparams))
     trainer = L.Trainer(
-        **cfg.trainer,
+        **{k: v for k, v in cfg.trainer.items() if k != "max_time"},  # its Timer is among the callbacks
         logger=build_logger(cfg, run_dir),
         callbacks=build_callbacks(cfg, run_dir, datamodule, extra_callbacks),
         default_root_dir=run_dir,
