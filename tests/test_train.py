@@ -63,7 +63,15 @@ def finished_run(tmp_path_factory, data) -> tuple[Path, subprocess.CompletedProc
 @pytest.mark.slow
 def test_run_prints_the_resolved_config(finished_run):
     _, proc = finished_run
-    assert "clip_value: 0.01" in proc.stdout and "n_critic: 2" in proc.stdout
+    assert "clip_value: 0.01" in proc.stderr and "n_critic: 2" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_log_holds_the_console_log(finished_run):
+    run_dir, proc = finished_run
+    log = (run_dir / "train.log").read_text()
+    for line in ("clip_value: 0.01", "GPU available:", f"Run directory: {run_dir}"):  # ours, Lightning's
+        assert line in log and line in proc.stderr, line
 
 
 @pytest.mark.slow
@@ -123,6 +131,35 @@ def test_missing_data_is_one_clear_error_before_training(tmp_path):
     assert proc.returncode == 2
     assert "Fashion-MNIST not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_data_fails_in_one_line_and_leaves_no_run_directory(tmp_path, data):
+    import gzip
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    images = bad / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(images.read_bytes()))
+    raw[3] = 9  # wrong magic number
+    images.write_bytes(gzip.compress(bytes(raw)))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli([*TRAIN, "trainer=cpu", f"data.root={bad}", *TINY_ARGS], cwd=work, check=False)
+    assert proc.returncode == 2 and "wrong magic number" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert list(work.iterdir()) == []  # no outputs/<date>/<time>/ with tensorboard/ and train.log
+
+
+@pytest.mark.slow
+def test_a_resume_that_cannot_start_leaves_the_runs_files_untouched(tmp_path, finished_run):
+    run_dir, _ = finished_run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_cli([*TRAIN, "trainer=cpu", *TINY_ARGS, "model.latent_dim=32", f"hydra.run.dir={run_dir}",
+                    f"ckpt_path={run_dir}/checkpoints/last.ckpt"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "model.latent_dim: checkpoint has 16, the config gives 32" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 # ---- exact resume on one process ------------------------------------------------------------------------
@@ -409,7 +446,7 @@ def test_single_ddp_run_uses_one_run_directory(tmp_path, data):
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # rank 1 wrote into rank 0's timestamped directory, not one of its own
     assert (runs[0] / "train_ddp_process_1.log").is_file()
-    assert proc.stdout.count(f"Run directory: {runs[0]}") == 2  # both ranks report the same directory
+    assert proc.stderr.count(f"Run directory: {runs[0]}") == 2  # both ranks report the same directory
 
 
 # ---- Hydra and Lightning's DDP launcher -------------------------------------------------------------------

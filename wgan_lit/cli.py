@@ -53,8 +53,10 @@ def compose_or_exit(config_name: str, overrides: Sequence[str]) -> DictConfig:
         fail(describe(err))
 
 
-def check_train_command_line(argv: Sequence[str], validate: Callable[[DictConfig], Any]) -> None:
-    """Compose and validate the training config of ``argv`` (every job of a ``-m`` sweep) before Hydra runs."""
+def check_train_command_line(argv: Sequence[str], check: Callable[[DictConfig], Any],
+                             errors: tuple[type[Exception], ...] = (ValueError,)) -> None:
+    """Compose the training config of ``argv`` (every job of a ``-m`` sweep) and ``check`` it before Hydra runs,
+    so that nothing is written for a command line that cannot train; ``errors`` are reported in one line."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -73,8 +75,8 @@ def check_train_command_line(argv: Sequence[str], validate: Callable[[DictConfig
     for job in jobs:
         cfg = compose_or_exit(args.config_name or "train", job)
         try:
-            validate(cfg)
-        except ValueError as err:
+            check(cfg)
+        except errors as err:
             fail(f"{err}" if len(jobs) == 1 else f"in sweep job {' '.join(job)}: {err}")
 
 

@@ -166,10 +166,11 @@ class FashionMNISTDataModule(InMemoryDataModule):
     channels = 1
 
     def prepare_data(self) -> None:
-        locate_fashion_mnist(self.cfg.root, self.cfg.split, self.cfg.download)
+        if self.images is None:  # read whole, so a corrupt file fails here, before anything is written
+            self.images = self.load_images(download=self.cfg.download)
 
-    def load_images(self) -> torch.Tensor:
-        images, _ = load_fashion_mnist(*locate_fashion_mnist(self.cfg.root, self.cfg.split, download=False))
+    def load_images(self, download: bool = False) -> torch.Tensor:
+        images, _ = load_fashion_mnist(*locate_fashion_mnist(self.cfg.root, self.cfg.split, download))
         return resize_uint8(images, self.cfg.image_size)
 
 

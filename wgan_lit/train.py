@@ -8,6 +8,7 @@ Hydra's run directory, ``outputs/<date>/<time>/`` unless ``hydra.run.dir`` says 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shlex
 import sys
@@ -30,15 +31,33 @@ from wgan_lit import cli
 from wgan_lit.callbacks import OneRunDirError, build_callbacks
 from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, check_resumable
 from wgan_lit.classifier import ClassifierError
-from wgan_lit.config import DataError, TrainConfig, register_configs, validate
+from wgan_lit.config import ConfigError, DataError, TrainConfig, register_configs, validate
 from wgan_lit.data import build_datamodule
 from wgan_lit.module import WGAN, DivergenceError
+
+log = logging.getLogger(__name__)
 
 
 def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:
     if cfg.logger.name == "tensorboard":
         return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False)
     return CSVLogger(save_dir=run_dir, name="csv", version="")
+
+
+def build_model(cfg: TrainConfig, datamodule: L.LightningDataModule) -> WGAN:
+    return WGAN(image_size=cfg.data.image_size, channels=datamodule.channels,
+                log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, **dataclasses.asdict(cfg.model))
+
+
+def check_before_run(cfg: DictConfig) -> TrainConfig:
+    """Everything that can fail before training, checked without writing: config values, Trainer arguments, the
+    data (found and read), the checkpoint to resume (readable, of these networks)."""
+    config = validate(cfg)
+    datamodule = build_datamodule(config.data)
+    datamodule.prepare_data()
+    if config.ckpt_path:
+        check_resumable(config.ckpt_path, dict(build_model(config, datamodule).hparams))
+    return config
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
@@ -53,8 +72,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()  # fail on missing or corrupt data before anything is written
 
-    model = WGAN(image_size=cfg.data.image_size, channels=datamodule.channels,
-                 log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, **dataclasses.asdict(cfg.model))
+    model = build_model(cfg, datamodule)
     if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts
         check_resumable(cfg.ckpt_path, dict(model.hparams))
     trainer = L.Trainer(
@@ -142,28 +160,41 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=cli.CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
+    _log_to_the_run()
     config = validate(cfg)  # already checked by main(); this builds the dataclasses
-    print(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         with ddp_job():  # DDP ranks > 0 re-run this job, not the whole sweep
             metrics = train(config, run_dir)
     except (DataError, CheckpointError, OneRunDirError, ClassifierError) as err:
-        cli.fail(str(err))
+        log.error("Error: %s", err)
+        sys.exit(2)
     except SIGTERMException as stop:  # Ctrl-C or SIGTERM: LastCheckpoint saved the batch it stopped at
         if rank_zero_only.rank == 0:  # every DDP rank stops here; one says how to go on
-            print(interrupted_message(run_dir), file=sys.stderr)
+            log.warning(interrupted_message(run_dir))
         sys.exit(stop.code)
     except DivergenceError as err:
-        print(f"Error: {err}\n{last_checkpoint_note(run_dir)}", file=sys.stderr)
+        log.error("Error: %s\n%s", err, last_checkpoint_note(run_dir))
         sys.exit(1)
-    print(f"Run directory: {run_dir}")
+    log.info("Run directory: %s", run_dir)
     return metrics.get("W")
+
+
+def _log_to_the_run() -> None:
+    """Lightning's messages and Python warnings through Hydra's handlers: the console and <run>/train.log.
+    (Lightning gives its loggers a console handler of their own when imported, before Hydra sets logging up.)"""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lightning = logging.getLogger(name)
+        for handler in list(lightning.handlers):
+            lightning.removeHandler(handler)
+        lightning.propagate = True
+    logging.captureWarnings(True)
 
 
 def main() -> None:
     """``python -m wgan_lit.train``: the command line is checked whole (every sweep job) before Hydra runs."""
-    cli.check_train_command_line(sys.argv[1:], validate)
+    cli.check_train_command_line(sys.argv[1:], check_before_run, (ConfigError, DataError, CheckpointError))
     _main()
 
 
