@@ -401,3 +401,59 @@ def test_training_scores_against_training_images_and_evaluate_against_the_test_s
     train_ref, test_ref = reference_images(data, 28), reference_images(data, 28, split="test")
     assert len(train_ref) == 128 and len(test_ref) == 64
     assert torch.equal(test_ref, load_fashion_mnist(*locate_fashion_mnist(data.root, "test"))[0])
+
+
+def test_inception_weights_are_fetched_once_on_request_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from wgan_lit.metrics import INCEPTION_WEIGHTS_FILE, find_inception_weights
+
+    pytest.importorskip("torch_fidelity")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    payload = b"weights of a test" * 1000
+    digest = hashlib.sha256(payload).hexdigest()
+    good = tmp_path / "served" / f"weights-test-{digest[:8]}.pth"
+    good.parent.mkdir()
+    good.write_bytes(payload)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+    path, why = find_inception_weights()  # control: without the opt-in nothing is fetched
+    assert path is None and "metrics.inception_download=true" in why and not cached.exists()
+
+    bad = good.with_name(f"weights-test-{'0' * 8}.pth")  # the file name promises another checksum
+    bad.write_bytes(payload)
+    with pytest.raises(clf.ClassifierError, match="download failed.*nothing was written"):
+        find_inception_weights(download_from=bad.as_uri())
+    assert not cached.exists()
+
+    assert find_inception_weights(download_from=good.as_uri()) == (cached, "")
+    assert cached.read_bytes() == payload
+    good.unlink()  # once: a second call uses the cache and fetches nothing
+    assert find_inception_weights(download_from=good.as_uri()) == (cached, "")
+
+
+CONCURRENT_BUILD = """
+import sys, time
+from wgan_lit import classifier as clf
+
+def slow_build(out, data_root, log=True, **kwargs):
+    with open(sys.argv[2], "a") as marker:
+        marker.write("built\\n")
+    time.sleep(1.0)
+    clf.save(clf.FashionClassifier(width=4, num_features=8), out, test_accuracy=1.0)
+
+clf.build = slow_build
+print("loaded", clf.load_or_build(sys.argv[1]).test_accuracy)
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_that_need_the_classifier_at_once_build_it_once(tmp_path):
+    target, marker = tmp_path / "cache" / "clf.pt", tmp_path / "built.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD, str(target), str(marker)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert all("loaded 1.0" in out for out, _ in outs)
+    assert marker.read_text() == "built\n"  # the second waited for the first, then read its file

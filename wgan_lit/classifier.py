@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 
+from wgan_lit.checkpointing import atomic_torch_save
 from wgan_lit.config import DataError
 from wgan_lit.data import to_unit_range
 from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
@@ -143,22 +145,10 @@ def train_classifier(
 
 
 def save(model: FashionClassifier, path: str | Path, test_accuracy: float, **info: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(
-        {
-            "format": FORMAT_VERSION,
-            "width": model.width,
-            "num_features": model.num_features,
-            "state_dict": model.state_dict(),
-            "test_accuracy": test_accuracy,
-            **info,
-        },
-        tmp,
-    )
-    tmp.replace(path)  # atomic: a run that reads the cache never sees half a file
-    return path
+    blob = {"format": FORMAT_VERSION, "width": model.width, "num_features": model.num_features,
+            "state_dict": model.state_dict(), "test_accuracy": test_accuracy, **info}
+    atomic_torch_save(blob, path)  # a run that reads the cache never sees half a file
+    return Path(path)
 
 
 def load(
@@ -218,12 +208,12 @@ def load_or_build(
     """The cached classifier at ``path`` (default: ``default_path()``), trained first if it is missing."""
     path = Path(path) if path else default_path()
     if not path.is_file():
-        print(
-            f"Training the Fashion-MNIST classifier for the sample-quality metrics (once; cached in {path})",
-            file=sys.stderr,
-            flush=True,
-        )
-        build(path, data_root, log=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):  # one process (run, rank) trains it; the others wait, then read it
+            if not path.is_file():
+                print(f"Training the Fashion-MNIST classifier for the sample-quality metrics (once; cached in "
+                      f"{path})", file=sys.stderr, flush=True)
+                build(path, data_root, log=False)
     return load(path, map_location)
 
 

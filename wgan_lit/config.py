@@ -83,6 +83,10 @@ class MetricsConfig:
     classifier_path: str = ""  # "" = $WGAN_LIT_CACHE or ~/.cache/wgan_lit/fmnist_classifier.pt (built once)
     inception: bool = True  # also Inception FID/KID when the weights are on disk (slow on a CPU)
     inception_weights: str = ""  # torch-fidelity's weights file; "" = look in the torch hub cache
+    # true: fetch torch-fidelity's weights into the torch hub cache once, when they are not there (needs internet)
+    inception_download: bool = False
+    inception_url: str = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                          "weights-inception-2015-12-05-6726825d.pth")  # its file name ends in its sha256 prefix
     kid_subsets: int = 100  # KID = mean MMD^2 over this many random subsets (torchmetrics' defaults)
     kid_subset_size: int = 1000  # capped at n_samples
     checkpoint_monitor: str = "fd_classifier"  # keep checkpoints/best-*.ckpt by this metric; "" = don't

@@ -96,7 +96,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     if not mc.inception:
         skipped["fid_inception"] = skipped["kid_inception"] = "metrics.inception=false"
-    elif why := find_inception_weights(mc.inception_weights)[1]:
+    elif why := find_inception_weights(mc.inception_weights, mc.inception_url if mc.inception_download else "")[1]:
         skipped["fid_inception"] = skipped["kid_inception"] = why
     result: dict[str, Any] = {
         "checkpoint": str(path),

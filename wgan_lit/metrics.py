@@ -19,11 +19,13 @@ scores batches of generated images; :class:`SampleQualityCallback` runs it durin
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
@@ -34,7 +36,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from wgan_lit import classifier as clf
-from wgan_lit.classifier import CLASSES, FashionClassifier
+from wgan_lit.classifier import CLASSES, ClassifierError, FashionClassifier
 from wgan_lit.config import SAMPLE_METRICS, DataConfig, MetricsConfig
 from wgan_lit.data import resize_uint8, to_unit_range
 from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
@@ -49,8 +51,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.add(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def find_inception_weights(configured: str | Path | None = None) -> tuple[Path | None, str]:
-    """(path, "") of the Inception weights on disk, or (None, why not) -- never downloads."""
+def find_inception_weights(configured: str | Path | None = None, download_from: str = ""
+                           ) -> tuple[Path | None, str]:
+    """(path, "") of the Inception weights on disk, or (None, why not). Downloads only when ``download_from``
+    (metrics.inception_download=true gives metrics.inception_url) and the weights are not in the cache."""
     if not _TORCH_FIDELITY_AVAILABLE:
         return None, "torch-fidelity is not installed (pip install 'wgan_lit[inception]')"
     if configured:
@@ -59,12 +63,30 @@ def find_inception_weights(configured: str | Path | None = None) -> tuple[Path |
             (path, "") if path.is_file() else (None, f"metrics.inception_weights={configured} does not exist")
         )
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if not path.is_file() and download_from:
+        download_inception_weights(download_from, path)
     if path.is_file():
         return path, ""
     return None, (
-        f"no {INCEPTION_WEIGHTS_FILE} in the torch hub cache ({path.parent}); put it there or set "
-        "metrics.inception_weights=PATH"
+        f"no {INCEPTION_WEIGHTS_FILE} in the torch hub cache ({path.parent}); put it there, set "
+        "metrics.inception_weights=PATH, or fetch it once with metrics.inception_download=true"
     )
+
+
+def download_inception_weights(url: str, path: Path) -> None:
+    """Fetch ``url`` to ``path`` with a progress bar, checking the sha256 prefix its file name ends in (torch
+    hub's convention); nothing is left at ``path`` unless the check passed."""
+    match = re.search(r"-([a-f0-9]{8,})\.", Path(urlparse(url).path).name)
+    if match is None:
+        raise ClassifierError(f"metrics.inception_url={url}: its file name carries no sha256 prefix "
+                              "(name-<hex>.pth), so the download could not be checked")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    notice(f"downloading the Inception weights once: {url} -> {path}")
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1), progress=True)
+    except (RuntimeError, OSError, ValueError) as err:  # a hash mismatch is a RuntimeError; network: URLError
+        raise ClassifierError(f"metrics.inception_url={url}: the download failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0]}); nothing was written to {path}") from err
 
 
 class ClassifierFeatures(nn.Module):
@@ -335,7 +357,8 @@ def build_sample_quality(
         )
     weights = None
     if mc.inception:
-        weights, why = find_inception_weights(mc.inception_weights)
+        weights, why = find_inception_weights(mc.inception_weights,
+                                              mc.inception_url if mc.inception_download else "")
         if weights is None:
             notice(f"Inception FID/KID skipped: {why}. Continuing without them.")
     real = reference_images(data, image_size, datamodule, split)
