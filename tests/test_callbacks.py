@@ -3,6 +3,7 @@ one run directory per DDP run."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import wgan_lit.data as data_mod
-from tests.conftest import load, tiny_config, write_fake_fashion_mnist
+from tests.conftest import TINY, load, tiny_config, write_fake_fashion_mnist
 from wgan_lit.callbacks import (
     GeneratorStepLimit,
     HParamsSummary,
@@ -20,11 +21,12 @@ from wgan_lit.callbacks import (
     OneRunDir,
     OneRunDirError,
     ResumeState,
+    RunProgressBar,
     build_callbacks,
 )
 from wgan_lit.data import build_datamodule
 from wgan_lit.metrics import SampleQualityCallback
-from wgan_lit.module import DivergenceError
+from wgan_lit.module import WGAN, DivergenceError
 from wgan_lit.train import train
 
 
@@ -208,3 +210,55 @@ def test_ranks_started_separately_must_share_one_run_dir(tmp_path, monkeypatch, 
         check.setup(SimpleNamespace(world_size=2), None, "fit")
     assert "chose different run directories" in str(err.value) and f"rank 1: {rank1_dir}" in str(err.value)
     assert "hydra.run.dir=" in str(err.value)  # the fix
+
+
+# ---- what the user sees: the start-up summary and the whole-run progress ------------------------------------
+
+
+def test_a_run_starts_with_one_summary_and_logs_its_progress_in_lines(tmp_path, data, caplog):
+    cfg = tiny_config(data, 6)
+    cfg.trainer["enable_progress_bar"] = True  # not a terminal here: progress comes as log lines
+    with caplog.at_level(logging.INFO, logger="wgan_lit"):
+        train(cfg, tmp_path)
+    messages = [r.getMessage() for r in caplog.records if r.name == "wgan_lit.callbacks"]
+    (summary,) = [m for m in messages if m.startswith("Training:")]
+    assert "device      cpu x 1 process(es), precision 32-true" in summary
+    assert "data        fashion_mnist (train): 128 images of 1 x 28 x 28, batch 16 per process" in summary
+    assert "epoch       8 batches = 4 generator steps (n_critic=2)" in summary
+    assert ("ends at     max_gen_steps=6 (6 generator steps) or" not in summary
+            and "ends at     max_gen_steps=6 (6 generator steps)" in summary)  # 10 epochs would be 40 steps
+    assert f"outputs     {tmp_path}" in summary
+    lines = [m for m in messages if m.startswith("generator step")]
+    assert [m.split(",")[0] for m in lines] == [f"generator step {k}/6 ({100 * k / 6:.0f}%)" for k in range(1, 7)]
+    assert all("steps/s" in m and "left" in m for m in lines)
+
+
+def test_in_a_terminal_one_bar_counts_generator_steps_to_the_binding_bound(tmp_path, data):
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            bar = trainer.progress_bar_callback.train_progress_bar
+            seen.append((bar.total, bar.n, bar.desc))
+
+    cfg = tiny_config(data, -1)
+    cfg.trainer.update(max_epochs=2, enable_progress_bar=True)  # 2 epochs x 4 generator steps bind
+    callbacks = build_callbacks(cfg, tmp_path, build_datamodule(cfg.data))
+    bar = next(c for c in callbacks if isinstance(c, RunProgressBar))
+    bar.interactive = True
+    trainer = L.Trainer(**cfg.trainer, logger=False, callbacks=[*callbacks, Watch()], default_root_dir=tmp_path)
+    trainer.fit(WGAN(n_critic=2, **TINY), datamodule=build_datamodule(cfg.data))
+    assert seen == [(8, 8, "generator steps: ")]  # one bar for the run, not 8 batches per epoch
+
+
+def test_the_next_start_of_a_run_removes_what_a_killed_writer_left(tmp_path, data):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / f"last.ckpt.tmp-{dead.pid}"
+    stale.write_bytes(b"half a checkpoint")
+    train(tiny_config(data, 1), tmp_path)
+    assert not stale.exists() and (tmp_path / "checkpoints" / "last.ckpt").is_file()

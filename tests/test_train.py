@@ -447,6 +447,7 @@ def test_single_ddp_run_uses_one_run_directory(tmp_path, data):
     assert len(runs) == 1, runs  # rank 1 wrote into rank 0's timestamped directory, not one of its own
     assert (runs[0] / "train_ddp_process_1.log").is_file()
     assert proc.stderr.count(f"Run directory: {runs[0]}") == 2  # both ranks report the same directory
+    assert proc.stderr.count("- Training:\n  device      cpu x 2 process(es)") == 1  # the summary, by rank 0
 
 
 # ---- Hydra and Lightning's DDP launcher -------------------------------------------------------------------

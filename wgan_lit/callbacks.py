@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import signal
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,23 +23,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import Checkpoint, Timer
+from lightning.pytorch.callbacks import Checkpoint, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchvision.utils import make_grid, save_image
 
+from wgan_lit.checkpointing import remove_stale_temporaries
 from wgan_lit.config import TrainConfig
 from wgan_lit.metrics import sample_quality_callbacks
 from wgan_lit.module import WGAN
 from wgan_lit.timelapse import build_gif, write_gif_to_tensorboard
+
+log = logging.getLogger(__name__)
 
 
 def build_callbacks(cfg: TrainConfig, run_dir: Path, datamodule: L.LightningDataModule,
                     extra: Sequence[L.Callback] = ()) -> list[L.Callback]:
     """The run's callbacks in the order they must run (tests/test_callbacks.py checks it)."""
     ckpt_dir = run_dir / "checkpoints"
-    callbacks: list[L.Callback] = [ResumeState(cfg.seed), OneRunDir(run_dir), DivergenceGuard()]
+    callbacks: list[L.Callback] = [ResumeState(cfg.seed), OneRunDir(run_dir), DivergenceGuard(),
+                                   StartSummary(cfg, run_dir)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RunProgressBar(cfg.max_gen_steps, cfg.trainer.get("max_time")))
     if cfg.logger.sample_every_n_gen_steps > 0:
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps, cfg.logger.timelapse))
     if cfg.max_gen_steps > 0:
@@ -50,6 +59,122 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, datamodule: L.LightningData
     callbacks += extra
     callbacks.append(HParamsSummary(dataclasses.asdict(cfg)))  # last: sees every metric logged at the end
     return callbacks
+
+
+def gen_steps_per_epoch(trainer: L.Trainer, module: WGAN) -> int:
+    return max(1, int(trainer.num_training_batches) // module.hparams.n_critic)
+
+
+def binding_bound(trainer: L.Trainer, module: WGAN, max_gen_steps: int) -> tuple[int | None, str]:
+    """(generator steps at which the run ends, which bound that is); None when only time bounds it."""
+    bounds = []
+    if max_gen_steps > 0:
+        bounds.append((max_gen_steps, f"max_gen_steps={max_gen_steps}"))
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        bounds.append((trainer.max_epochs * gen_steps_per_epoch(trainer, module),
+                       f"trainer.max_epochs={trainer.max_epochs}"))
+    return min(bounds) if bounds else (None, "")
+
+
+class StartSummary(L.Callback):
+    """One block when training starts, on rank 0: where it runs, on what, how long, where the outputs go."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: WGAN) -> None:
+        if not trainer.is_global_zero:
+            return
+        cfg = self.cfg
+        steps, bound = binding_bound(trainer, pl_module, cfg.max_gen_steps)
+        ends = [f"{bound} ({steps} generator steps)"] if steps else []
+        if cfg.trainer.get("max_time"):
+            ends.append(f"trainer.max_time={cfg.trainer['max_time']}")
+        n_images = len(trainer.datamodule.images) if getattr(trainer.datamodule, "images", None) is not None else "?"
+        lines = [
+            f"device      {trainer.strategy.root_device} x {trainer.world_size} process(es), precision "
+            f"{trainer.precision}, {torch.get_num_threads()} CPU thread(s)",
+            f"data        {cfg.data.name} ({cfg.data.split}): {n_images} images of {pl_module.hparams.channels} x "
+            f"{cfg.data.image_size} x {cfg.data.image_size}, batch {cfg.data.batch_size} per process",
+            f"epoch       {trainer.num_training_batches} batches = {gen_steps_per_epoch(trainer, pl_module)} "
+            f"generator steps (n_critic={pl_module.hparams.n_critic})",
+            f"ends at     {' or '.join(ends) if ends else 'no bound: stop it with Ctrl-C'}"
+            + (", whichever comes first" if len(ends) > 1 else ""),
+            f"outputs     {self.run_dir}",
+        ]
+        if pl_module.gen_step:
+            lines.insert(3, f"resumed at  generator step {pl_module.gen_step}")
+        log.info("Training:\n  %s", "\n  ".join(lines))
+
+
+class RunProgressBar(TQDMProgressBar):
+    """One bar for the whole run: generator steps against the bound that ends it, with the rate and time left.
+
+    In a terminal it is Lightning's tqdm bar; elsewhere (a log file, CI) one line every 10% of the run (every 500
+    steps when only time bounds it), so train.log stays readable.
+    """
+
+    def __init__(self, max_gen_steps: int, max_time: str | None = None, interactive: bool | None = None) -> None:
+        super().__init__()
+        self.max_gen_steps, self.max_time = max_gen_steps, max_time
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.total: int | None = None
+        self._start = (0.0, 0)  # (time, generator step) when this process began training
+        self._next_line = 0
+
+    @property
+    def is_disabled(self) -> bool:
+        return super().is_disabled or not self.interactive
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: WGAN) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.total, _ = binding_bound(trainer, pl_module, self.max_gen_steps)
+        bar = self.train_progress_bar
+        bar.reset(total=self.total)
+        bar.initial = bar.n = pl_module.gen_step  # a resumed run: the rate counts this process's steps
+        bar.set_description("generator steps")
+        self._start = (time.monotonic(), pl_module.gen_step)
+        self._next_line = pl_module.gen_step + self._line_every()
+
+    def _line_every(self) -> int:
+        return max(1, self.total // 10) if self.total else 500
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        pass  # one bar for the run, not one per epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: WGAN) -> None:
+        pass
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: WGAN, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step, bar = pl_module.gen_step, self.train_progress_bar
+        if step != bar.n and self._should_update(step, bar.total or float("inf")):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module) | self._time_left())
+        if not self.interactive and step >= self._next_line and trainer.is_global_zero:
+            self._next_line = step + self._line_every()
+            log.info(self.progress_line(step))
+
+    def _time_left(self) -> dict[str, str]:
+        if not self.max_time:
+            return {}
+        parts = [int(x) for x in str(self.max_time).split(":")]
+        budget = sum(p * m for p, m in zip(parts[::-1], (1, 60, 3600, 86400), strict=False))
+        return {"time left": _clock(max(0.0, budget - (time.monotonic() - self._start[0])))}
+
+    def progress_line(self, step: int) -> str:
+        elapsed = time.monotonic() - self._start[0]
+        rate = (step - self._start[1]) / elapsed if elapsed > 0 else 0.0
+        line = f"generator step {step}" + (f"/{self.total} ({100 * step / self.total:.0f}%)" if self.total else "")
+        line += f", {rate:.2f} steps/s"
+        if self.total and rate > 0:
+            line += f", about {_clock((self.total - step) / rate)} left"
+        return line + "".join(f", {k} {v}" for k, v in self._time_left().items())
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
 
 
 class SampleGrid(L.Callback):
@@ -150,6 +275,9 @@ class LastCheckpoint(Checkpoint):
                        "then stopping (Ctrl-C again to stop at once without saving).")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: WGAN) -> None:
+        if trainer.is_global_zero:  # what a killed writer of this run left (rank 0 writes every checkpoint)
+            for path in remove_stale_temporaries(self.dirpath):
+                log.info("Removed %s, left by a writer that was killed", path)
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
 

@@ -60,6 +60,28 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``*.tmp-<pid>`` files in ``folder`` whose writer is gone (killed mid-write, e.g. kill -9);
+    a live process's file is kept. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob("*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO with local writes made atomic and durable (see module docstring).
 

@@ -35,7 +35,7 @@ from wgan_lit.config import ConfigError, DataError, TrainConfig, register_config
 from wgan_lit.data import build_datamodule
 from wgan_lit.module import WGAN, DivergenceError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("wgan_lit.train")  # not __name__: "__main__" under python -m
 
 
 def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:
@@ -184,7 +184,7 @@ def _main(cfg: DictConfig) -> float | None:
 def _log_to_the_run() -> None:
     """Lightning's messages and Python warnings through Hydra's handlers: the console and <run>/train.log.
     (Lightning gives its loggers a console handler of their own when imported, before Hydra sets logging up.)"""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics"):
         lightning = logging.getLogger(name)
         for handler in list(lightning.handlers):
             lightning.removeHandler(handler)
