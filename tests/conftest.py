@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 import wgan_lit.fashion_mnist as fmnist_mod
+from wgan_lit.classifier import FashionClassifier
 from wgan_lit.config import LoggerConfig, TrainConfig, register_configs
 from wgan_lit.data import InMemoryImages, pass_through, to_unit_range
 
@@ -154,6 +155,11 @@ def no_system_copy(monkeypatch, request):
     """Only the generated files are found, not an installed copy, except in the tests of the real data."""
     if "real_data" not in request.keywords:
         monkeypatch.setattr(fmnist_mod, "SYSTEM_DIRS", [])
+
+
+def tiny_classifier(seed: int = 0) -> FashionClassifier:
+    torch.manual_seed(seed)
+    return FashionClassifier(width=4, num_features=8).eval()
 
 
 # ---- the commands' one-line errors ---------------------------------------------------------------------------

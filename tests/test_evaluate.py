@@ -16,17 +16,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, assert_one_error, call, tiny_config, write_fake_fashion_mnist
+from tests.conftest import REPO, assert_one_error, call, tiny_classifier, tiny_config, write_fake_fashion_mnist
 from wgan_lit import classifier as clf
 from wgan_lit import evaluate, fashion_mnist
 from wgan_lit.config import ConfigError, MetricsConfig, TrainConfig, validate
 from wgan_lit.evaluate import EvaluateConfig
 from wgan_lit.train import train
-
-
-def tiny_classifier(seed: int = 0) -> clf.FashionClassifier:
-    torch.manual_seed(seed)
-    return clf.FashionClassifier(width=4, num_features=8).eval()
 
 
 @pytest.fixture(scope="module")

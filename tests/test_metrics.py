@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.conftest import REPO, TINY, RandomImages, tiny_trainer, write_fake_fashion_mnist
+from tests.conftest import REPO, TINY, RandomImages, tiny_classifier, tiny_trainer, write_fake_fashion_mnist
 from wgan_lit import classifier as clf
 from wgan_lit.fashion_mnist import SYSTEM_DIRS, load_fashion_mnist, locate_fashion_mnist
 from wgan_lit.metrics import (
@@ -29,11 +29,6 @@ REAL = SYSTEM_DIRS[0]
 needs_real = pytest.mark.skipif(
     not REAL.is_dir(), reason="real Fashion-MNIST absent: apt-get install dataset-fashion-mnist"
 )
-
-
-def tiny_classifier(seed: int = 0) -> clf.FashionClassifier:
-    torch.manual_seed(seed)
-    return clf.FashionClassifier(width=4, num_features=8).eval()
 
 
 def random_uint8(n: int, seed: int = 0) -> torch.Tensor:
@@ -149,22 +144,6 @@ def test_score_compares_against_the_real_images_given():
     same_law = scorer.score(random_uint8(200, seed=2))["fd_classifier"]
     dark = scorer.score(random_uint8(200, seed=2) // 8)["fd_classifier"]
     assert dark > 10 * same_law
-
-
-def test_classifier_round_trip_and_refusals(tmp_path):
-    model = tiny_classifier()
-    path = clf.save(model, tmp_path / "c.pt", test_accuracy=0.93)
-    loaded = clf.load(path)
-    x = torch.rand(3, 1, 28, 28) * 2 - 1
-    assert torch.equal(loaded.features(x), model.features(x)) and loaded.test_accuracy == 0.93
-    assert loaded.features(torch.rand(3, 1, 64, 64)).shape == (3, 8)  # other sizes are resized to 28
-    with pytest.raises(
-        clf.ClassifierError, match=r"test accuracy 0.500 is below 0.90.*python -m wgan_lit.classifier"
-    ):
-        clf.load(clf.save(model, tmp_path / "bad.pt", test_accuracy=0.5))
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(clf.ClassifierError, match=r"junk.pt: not a wgan_lit classifier"):
-        clf.load(tmp_path / "junk.pt")
 
 
 def test_missing_inception_weights_are_reported_not_downloaded(tmp_path, monkeypatch):
@@ -432,28 +411,3 @@ def test_inception_weights_are_fetched_once_on_request_and_checked(tmp_path, mon
     assert find_inception_weights(download_from=good.as_uri()) == (cached, "")
 
 
-CONCURRENT_BUILD = """
-import sys, time
-from wgan_lit import classifier as clf
-
-def slow_build(out, data_root, log=True, **kwargs):
-    with open(sys.argv[2], "a") as marker:
-        marker.write("built\\n")
-    time.sleep(1.0)
-    clf.save(clf.FashionClassifier(width=4, num_features=8), out, test_accuracy=1.0)
-
-clf.build = slow_build
-print("loaded", clf.load_or_build(sys.argv[1]).test_accuracy)
-"""
-
-
-@pytest.mark.slow
-def test_two_runs_that_need_the_classifier_at_once_build_it_once(tmp_path):
-    target, marker = tmp_path / "cache" / "clf.pt", tmp_path / "built.txt"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILD, str(target), str(marker)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    assert all("loaded 1.0" in out for out, _ in outs)
-    assert marker.read_text() == "built\n"  # the second waited for the first, then read its file

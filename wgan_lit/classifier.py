@@ -5,17 +5,17 @@ they were learned on ImageNet photos, not 28x28 clothing. This CNN is trained on
 training set in about a minute on a CPU; its penultimate layer gives the features of the Frechet distance
 and KID, its predictions the class histogram of mode coverage (see ``wgan_lit.metrics``).
 
-``python -m wgan_lit.classifier [--out PATH] [--epochs N]`` trains it and saves it; the metrics build it on
+``python -m wgan_lit.classifier [out=PATH] [epochs=N]`` trains it and saves it; the metrics build it on
 first use when the file is missing. The file records its test accuracy, and one below ``MIN_ACCURACY`` is
 refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
+from wgan_lit import cli
 from wgan_lit.checkpointing import atomic_torch_save
 from wgan_lit.config import DataError
 from wgan_lit.data import to_unit_range
@@ -168,7 +169,7 @@ def load(
     if blob.get("test_accuracy", 0.0) < min_accuracy:
         raise ClassifierError(
             f"{path}: test accuracy {blob.get('test_accuracy', 0.0):.3f} is below "
-            f"{min_accuracy:.2f}; retrain it with `python -m wgan_lit.classifier --out {path}`."
+            f"{min_accuracy:.2f}; retrain it with `python -m wgan_lit.classifier out={path}`."
         )
     model.test_accuracy = float(blob["test_accuracy"])
     return model.to(map_location).eval()
@@ -194,7 +195,7 @@ def build(
     if acc < MIN_ACCURACY:
         raise ClassifierError(
             f"the classifier reached only {acc:.3f} test accuracy (< {MIN_ACCURACY:.2f}) "
-            f"in {epochs} epochs; try --epochs {epochs + 2}."
+            f"in {epochs} epochs; try epochs={epochs + 2}."
         )
     save(model, out, acc, epochs=epochs, seed=seed, train_seconds=round(seconds, 1))
     if log:
@@ -217,25 +218,23 @@ def load_or_build(
     return load(path, map_location)
 
 
+@dataclass
+class ClassifierConfig:
+    """The keys of ``python -m wgan_lit.classifier``."""
+
+    out: str = ""  # where to save it; "" = $WGAN_LIT_CACHE or ~/.cache/wgan_lit/fmnist_classifier.pt
+    data_root: str = "data"  # the Fashion-MNIST IDX files (/usr/share/datasets/fashion-mnist is looked in too)
+    epochs: int = 4
+    seed: int = 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m wgan_lit.classifier", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--out", default=None, help=f"where to save it (default {default_path()})")
-    parser.add_argument(
-        "--data-root",
-        default="data",
-        help="folder with the Fashion-MNIST IDX files "
-        "(the system copy in /usr/share/datasets/fashion-mnist is looked in too)",
-    )
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    cfg = cli.parse(ClassifierConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.classifier",
+                    doc=__doc__, check=lambda c: [] if c.epochs >= 1 else [f"epochs={c.epochs}: expected >= 1"])
     try:
-        build(args.out, args.data_root, args.epochs, args.seed)
+        build(cfg.out or None, cfg.data_root, cfg.epochs, cfg.seed)
     except (DataError, ClassifierError) as err:
-        print(f"Error: {err}", file=sys.stderr)
-        return 2
+        cli.fail(str(err))
     return 0
 
 
