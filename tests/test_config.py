@@ -212,3 +212,61 @@ def test_command_line_rejects_bad_input_in_one_line_before_writing_anything(tmp_
     assert expected in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == [], "nothing may be written for a rejected command line"
+
+
+# ---- every key: a wrong type and, where values are ruled, a wrong value, each one line naming the key --------
+
+
+def leaf_keys(node, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in node.items():
+        if key == "trainer":
+            continue  # open: checked by Lightning (test_a_bad_trainer_argument_is_one_line_naming_it)
+        if hasattr(value, "items"):
+            out.update(leaf_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+KEYS = leaf_keys(OmegaConf.structured(TrainConfig))
+
+
+@pytest.mark.parametrize("key", sorted(KEYS))
+def test_every_key_with_a_wrong_type_is_one_line_naming_it(key):
+    from wgan_lit.cli import describe
+
+    default = KEYS[key]
+    wrong = "[1,2]" if isinstance(default, str) else "maybe" if isinstance(default, bool) else "abc"
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_train([f"{key}={wrong}"])
+    message = describe(err.value)
+    assert message.startswith(f"{key}={wrong}: ") and "\n" not in message, message
+
+
+WRONG_VALUES = {
+    "model.n_critic": "0", "model.clip_value": "0", "model.lr_g": "0", "model.lr_d": "-1", "model.latent_dim": "0",
+    "model.g_features": "0", "model.d_features": "0", "model.optimizer": "sgd", "model.n_fixed_samples": "0",
+    "data.name": "mnist", "data.batch_size": "0", "data.image_size": "30", "data.num_workers": "-1",
+    "data.split": "valid", "data.center_crop": "-1", "data.download": "true",
+    "logger.name": "wandb", "logger.log_every_n_gen_steps": "0", "logger.sample_every_n_gen_steps": "-1",
+    "max_gen_steps": "0", "checkpoint_every_n_epochs": "0", "checkpoint_every_n_gen_steps": "-1",
+    "ckpt_path": "/no/such.ckpt", "cpu_threads": "-1", "metrics.every_n_gen_steps": "-1",
+    "metrics.n_samples": "1", "metrics.kid_subsets": "0", "metrics.kid_subset_size": "1",
+    "metrics.checkpoint_monitor": "fid",
+}
+CONTEXT = {"data.download": ["data=celeba"]}  # only fashion_mnist downloads
+
+
+def test_the_wrong_value_table_covers_every_ruled_key():
+    from wgan_lit.config import _rules
+
+    assert {key for key, *_ in _rules(TrainConfig())} == set(WRONG_VALUES)
+
+
+@pytest.mark.parametrize("key", sorted(WRONG_VALUES))
+def test_every_key_with_a_wrong_value_is_one_line_naming_it_and_its_default_passes(key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_train([*CONTEXT.get(key, []), f"{key}={WRONG_VALUES[key]}"]))
+    assert str(err.value).startswith(f"{key}=") and "expected" in str(err.value) and "\n" not in str(err.value)
+    validate(compose_train(CONTEXT.get(key, [])))  # control: the same without the wrong value is fine
