@@ -86,7 +86,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO with local writes made atomic and durable (see module docstring).
 
     Lightning 2.6's own ``_atomic_save`` stages the file through fsspec's ``tempfile.mkstemp()`` in /tmp and
-    ``shutil.move``s it: a copy, not a rename, when /tmp is another file system, and never fsync'ed.
+    ``shutil.move``s it (read in fsspec 2026.9's LocalFileOpener): a copy, not a rename, when /tmp is another
+    file system (a tmpfs, say), and never fsync'ed.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,

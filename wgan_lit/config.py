@@ -45,7 +45,7 @@ class ModelConfig:
     paper_critic_schedule: bool = False  # paper's code: 100 critic updates for the first 25 and every 500th
     n_fixed_samples: int = 64  # size of the fixed noise batch behind the sample grids
     fixed_noise_seed: int = 1234
-    # Fast-path switches (measured by benchmarks/throughput.py; see README "Speed").
+    # Fast-path switches (measured by benchmarks/throughput.py; see docs/speed.md).
     fused_clamp: bool = True  # clip all critic weights with two multi-tensor kernels instead of a Python loop
     channels_last: bool = True  # NHWC layout for both networks and the batches: +11% on CPU, measured
     compile: bool = False  # torch.compile both networks (first steps pay the compile time)
@@ -106,7 +106,7 @@ class TrainConfig:
     checkpoint_every_n_gen_steps: int = 500  # also rewrite last.ckpt this often (crash safety); 0 = off
     ckpt_path: str = ""  # resume exactly from this checkpoint (e.g. <run>/checkpoints/last.ckpt)
     # torch.set_num_threads; 0 = torch's default (one per core). On a CPU shared with other jobs, 1 avoids
-    # OpenMP threads spin-waiting for a core (measured up to 10x slower with 2 threads; README "Speed").
+    # OpenMP threads spin-waiting for a core (measured up to 10x slower with 2 threads; docs/speed.md).
     cpu_threads: int = 0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -141,7 +141,7 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("data.center_crop", d.center_crop, d.center_crop >= 0,
          "0 (the largest centred square) or a side in pixels"),
         ("data.download", d.download, not d.download or d.name == "fashion_mnist",
-         "false: only fashion_mnist downloads; CelebA is fetched by hand (see the README)"),
+         "false: only fashion_mnist downloads; CelebA is fetched by hand (see docs/data.md)"),
         ("data.num_workers", d.num_workers, not (d.device_resident and d.num_workers > 0),
          "0 with data.device_resident=true (worker processes cannot index GPU tensors)"),
         ("logger.name", lg.name, lg.name in LOGGERS, f"one of {', '.join(LOGGERS)}"),
