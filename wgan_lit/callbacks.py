@@ -8,6 +8,7 @@ All of them count in generator steps (``WGAN.gen_step``), the unit of the logged
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import logging
 import signal
@@ -45,7 +46,7 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, datamodule: L.LightningData
     callbacks: list[L.Callback] = [ResumeState(cfg.seed), OneRunDir(run_dir), DivergenceGuard(),
                                    StartSummary(cfg, run_dir)]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RunProgressBar(cfg.max_gen_steps, cfg.trainer.get("max_time")))
+        callbacks.append(RunProgressBar(cfg.max_gen_steps))
     if cfg.logger.sample_every_n_gen_steps > 0:
         callbacks.append(SampleGrid(run_dir / "samples", cfg.logger.sample_every_n_gen_steps, cfg.logger.timelapse))
     if cfg.max_gen_steps > 0:
@@ -114,9 +115,9 @@ class RunProgressBar(TQDMProgressBar):
     steps when only time bounds it), so train.log stays readable.
     """
 
-    def __init__(self, max_gen_steps: int, max_time: str | None = None, interactive: bool | None = None) -> None:
+    def __init__(self, max_gen_steps: int, interactive: bool | None = None) -> None:
         super().__init__()
-        self.max_gen_steps, self.max_time = max_gen_steps, max_time
+        self.max_gen_steps = max_gen_steps
         self.interactive = sys.stdout.isatty() if interactive is None else interactive
         self.total: int | None = None
         self._start = (0.0, 0)  # (time, generator step) when this process began training
@@ -150,31 +151,30 @@ class RunProgressBar(TQDMProgressBar):
         step, bar = pl_module.gen_step, self.train_progress_bar
         if step != bar.n and self._should_update(step, bar.total or float("inf")):
             bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module) | self._time_left())
+            bar.set_postfix(self.get_metrics(trainer, pl_module) | self._time_left(trainer))
         if not self.interactive and step >= self._next_line and trainer.is_global_zero:
             self._next_line = step + self._line_every()
-            log.info(self.progress_line(step))
+            log.info(self.progress_line(step, trainer))
 
-    def _time_left(self) -> dict[str, str]:
-        if not self.max_time:
-            return {}
-        parts = [int(x) for x in str(self.max_time).split(":")]
-        budget = sum(p * m for p, m in zip(parts[::-1], (1, 60, 3600, 86400), strict=False))
-        return {"time left": _clock(max(0.0, budget - (time.monotonic() - self._start[0])))}
+    @staticmethod
+    def _time_left(trainer: L.Trainer) -> dict[str, str]:
+        """What trainer.max_time leaves, from its Timer (which counts a resumed run's earlier time too)."""
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        left = timer.time_remaining() if timer is not None else None
+        return {} if left is None else {"time left": _clock(left)}
 
-    def progress_line(self, step: int) -> str:
+    def progress_line(self, step: int, trainer: L.Trainer) -> str:
         elapsed = time.monotonic() - self._start[0]
         rate = (step - self._start[1]) / elapsed if elapsed > 0 else 0.0
         line = f"generator step {step}" + (f"/{self.total} ({100 * step / self.total:.0f}%)" if self.total else "")
         line += f", {rate:.2f} steps/s"
         if self.total and rate > 0:
             line += f", about {_clock((self.total - step) / rate)} left"
-        return line + "".join(f", {k} {v}" for k, v in self._time_left().items())
+        return line + "".join(f", {k} {v}" for k, v in self._time_left(trainer).items())
 
 
 def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
 
 class SampleGrid(L.Callback):
