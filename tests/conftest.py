@@ -225,5 +225,14 @@ def celeba(tmp_path: Path) -> Path:
     return make_celeba(tmp_path / "data")
 
 
+def make_folder(root: Path) -> Path:
+    """Images in every format, nested, with a file that is no image: what data=folder reads."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    for i, name in enumerate(["a.JPG", "sub/b.png", "sub/deeper/c.webp", "sub/d.bmp", "sub/e.jpeg"]):
+        Image.fromarray(picture(i)).save(root / name)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
 def cache_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.npy"))

@@ -24,6 +24,7 @@ from tests.conftest import (
     cache_files,
     idx_bytes,
     make_celeba,
+    make_folder,
     picture,
     write_fake_fashion_mnist,
 )
@@ -353,19 +354,13 @@ def test_dataloader_workers_and_pickled_dataset(celeba):
 
 
 def test_folder_reads_every_format_recursively_at_64px(tmp_path):
-    root = tmp_path / "imgs"
-    (root / "sub" / "deeper").mkdir(parents=True)
-    Image.fromarray(picture(0)).save(root / "a.JPG")
-    Image.fromarray(picture(1)).save(root / "sub" / "b.png")
-    Image.fromarray(picture(2)).save(root / "sub" / "deeper" / "c.webp")
-    Image.fromarray(picture(3)).save(root / "sub" / "d.bmp")
-    (root / "notes.txt").write_text("not an image")
+    root = make_folder(tmp_path / "imgs")
     dm = module(root, ImageFolderDataModule, batch_size=2, image_size=64)
-    assert dm.channels == 3 and dm.images.shape == (4, 3, 64, 64)
+    assert dm.channels == 3 and dm.images.shape == (5, 3, 64, 64)
     batches = list(dm.train_dataloader())
     assert len(batches) == 2 and all(b.shape == (2, 3, 64, 64) and b.dtype == torch.uint8 for b in batches)
     assert cache_files(root / ".wgan_cache")  # beside the data by default, and not read back as an image
-    assert len(module(root, ImageFolderDataModule, batch_size=2, image_size=64).images) == 4
+    assert len(module(root, ImageFolderDataModule, batch_size=2, image_size=64).images) == 5
 
 
 def test_a_folder_has_no_splits_train_and_all_share_one_cache(tmp_path):

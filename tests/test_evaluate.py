@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, assert_one_error, call, tiny_classifier, tiny_config, write_fake_fashion_mnist
+from tests.conftest import REPO, assert_one_error, call, run_cli, tiny_classifier, tiny_config, write_fake_fashion_mnist
 from wgan_lit import classifier as clf
 from wgan_lit import evaluate, fashion_mnist
 from wgan_lit.config import ConfigError, MetricsConfig, TrainConfig, validate
@@ -214,11 +212,8 @@ def test_unknown_data_set_in_the_run_config(run_with_checkpoint, tmp_path, capsy
 
 @pytest.mark.slow
 def test_the_module_entry_point(run_with_checkpoint, capsys):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "wgan_lit.evaluate", *args], env=env,
-                              capture_output=True, text=True, timeout=300)
+        return run_cli(["-m", "wgan_lit.evaluate", *args], cwd=REPO, check=False)
 
     bad = run(*eval_args(run_with_checkpoint), "metrics.kid_subset_size=1")
     assert bad.returncode == 2 and bad.stdout == "", bad.stderr[-3000:]

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, assert_one_error, call, tiny_config, write_fake_fashion_mnist
+from tests.conftest import assert_one_error, call, run_cli, tiny_config, write_fake_fashion_mnist
 from wgan_lit import generate as gen
 from wgan_lit.generate import GenerateConfig, main, slerp
 from wgan_lit.module import WGAN
@@ -227,11 +225,8 @@ def test_a_checkpoint_of_another_wgan_version_is_one_message(ckpt, tmp_path, cap
 
 @pytest.mark.slow
 def test_the_module_entry_point(ckpt, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "wgan_lit.generate", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        return run_cli(["-m", "wgan_lit.generate", *args], cwd=tmp_path, check=False)
 
     bad = run(f"checkpoint={ckpt}", "n=many")
     assert bad.returncode == 2 and bad.stdout == ""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.conftest import make_celeba, picture
+from tests.conftest import make_celeba, make_folder, picture
 from wgan_lit.config import DataError
 from wgan_lit.image_files import (
     CELEBA_HELP,
@@ -123,14 +123,7 @@ def test_a_damaged_partition_line_names_the_file_and_line(tmp_path, line):
 
 
 def test_folder_finds_every_format_recursively(tmp_path):
-    root = tmp_path / "imgs"
-    (root / "sub" / "deeper").mkdir(parents=True)
-    Image.fromarray(picture(0)).save(root / "a.JPG")
-    Image.fromarray(picture(1)).save(root / "sub" / "b.png")
-    Image.fromarray(picture(2)).save(root / "sub" / "deeper" / "c.webp")
-    Image.fromarray(picture(3)).save(root / "sub" / "d.bmp")
-    Image.fromarray(picture(4)).save(root / "sub" / "e.jpeg")
-    (root / "notes.txt").write_text("not an image")
+    root = make_folder(tmp_path / "imgs")
     folder, files = folder_files(root)
     assert folder == root
     assert files == [root / "a.JPG", root / "sub" / "b.png", root / "sub" / "d.bmp",

@@ -4,18 +4,16 @@ over a run directory, with one ``Error:`` line (exit code 2) for every bad comma
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO, assert_one_error, call, tiny_config, write_fake_fashion_mnist
+from tests.conftest import assert_one_error, call, run_cli, tiny_config, write_fake_fashion_mnist
 from wgan_lit.timelapse import TimelapseConfig, find_frames, main
 from wgan_lit.train import train
 
@@ -139,11 +137,8 @@ def test_a_run_without_grids_or_an_unwritable_output_is_one_error_line(run, tmp_
 
 @pytest.mark.slow
 def test_the_module_entry_point(run, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-
     def command(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "wgan_lit.timelapse", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+        return run_cli(["-m", "wgan_lit.timelapse", *args], cwd=tmp_path, check=False)
 
     bad = command(f"run_dir={run}", "fps=-2")
     assert bad.returncode == 2 and bad.stderr.startswith("Error: fps=-2.0: expected a number > 0"), bad.stderr
