@@ -122,6 +122,7 @@ class RunProgressBar(TQDMProgressBar):
         self.total: int | None = None
         self._start = (0.0, 0)  # (time, generator step) when this process began training
         self._next_line = 0
+        self._timer: Timer | None = None
 
     @property
     def is_disabled(self) -> bool:
@@ -135,6 +136,7 @@ class RunProgressBar(TQDMProgressBar):
         bar.initial = bar.n = pl_module.gen_step  # a resumed run: the rate counts this process's steps
         bar.set_description("generator steps")
         self._start = (time.monotonic(), pl_module.gen_step)
+        self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         self._next_line = pl_module.gen_step + self._line_every()
 
     def _line_every(self) -> int:
@@ -151,26 +153,24 @@ class RunProgressBar(TQDMProgressBar):
         step, bar = pl_module.gen_step, self.train_progress_bar
         if step != bar.n and self._should_update(step, bar.total or float("inf")):
             bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module) | self._time_left(trainer))
+            bar.set_postfix(self.get_metrics(trainer, pl_module) | self._time_left())
         if not self.interactive and step >= self._next_line and trainer.is_global_zero:
             self._next_line = step + self._line_every()
-            log.info(self.progress_line(step, trainer))
+            log.info(self.progress_line(step))
 
-    @staticmethod
-    def _time_left(trainer: L.Trainer) -> dict[str, str]:
+    def _time_left(self) -> dict[str, str]:
         """What trainer.max_time leaves, from its Timer (which counts a resumed run's earlier time too)."""
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        left = timer.time_remaining() if timer is not None else None
+        left = self._timer.time_remaining() if self._timer is not None else None
         return {} if left is None else {"time left": _clock(left)}
 
-    def progress_line(self, step: int, trainer: L.Trainer) -> str:
+    def progress_line(self, step: int) -> str:
         elapsed = time.monotonic() - self._start[0]
         rate = (step - self._start[1]) / elapsed if elapsed > 0 else 0.0
         line = f"generator step {step}" + (f"/{self.total} ({100 * step / self.total:.0f}%)" if self.total else "")
         line += f", {rate:.2f} steps/s"
         if self.total and rate > 0:
             line += f", about {_clock((self.total - step) / rate)} left"
-        return line + "".join(f", {k} {v}" for k, v in self._time_left(trainer).items())
+        return line + "".join(f", {k} {v}" for k, v in self._time_left().items())
 
 
 def _clock(seconds: float) -> str:

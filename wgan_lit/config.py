@@ -158,11 +158,11 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("ckpt_path", c.ckpt_path, c.ckpt_path == "" or Path(c.ckpt_path).is_file(),
          "an existing checkpoint file, e.g. outputs/<date>/<time>/checkpoints/last.ckpt (or empty)"),
         ("cpu_threads", c.cpu_threads, c.cpu_threads >= 0, "an integer >= 0 (0 = one thread per core)"),
-        *_metrics_rules(c.metrics),
+        *metrics_rules(c.metrics),
     ]
 
 
-def _metrics_rules(mc: MetricsConfig) -> list[tuple[str, Any, bool, str]]:
+def metrics_rules(mc: MetricsConfig) -> list[tuple[str, Any, bool, str]]:
     return [
         ("metrics.every_n_gen_steps", mc.every_n_gen_steps, mc.every_n_gen_steps >= 0,
          "an integer >= 0 (0 turns the sample-quality metrics off)"),

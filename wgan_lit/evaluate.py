@@ -26,7 +26,7 @@ from omegaconf import MISSING, OmegaConf
 from wgan_lit import cli
 from wgan_lit.checkpointing import CheckpointError
 from wgan_lit.classifier import CLASSES, ClassifierError
-from wgan_lit.config import SAMPLE_METRICS, ConfigError, DataConfig, DataError, MetricsConfig, _metrics_rules
+from wgan_lit.config import SAMPLE_METRICS, ConfigError, DataConfig, DataError, MetricsConfig, metrics_rules
 from wgan_lit.generate import device_problem, latents, load_generator
 from wgan_lit.metrics import build_sample_quality, find_inception_weights, to_uint8
 
@@ -50,7 +50,7 @@ class EvaluateError(ValueError):
 def check(cfg: EvaluateConfig) -> list[str]:
     """One line per value the types allow but the command does not; ``metrics.*`` as training checks them."""
     rules = [
-        *_metrics_rules(cfg.metrics),
+        *metrics_rules(cfg.metrics),
         ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
     ]
     bad = [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in rules if not ok]

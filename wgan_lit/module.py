@@ -125,11 +125,10 @@ class WGAN(L.LightningModule):
 
     def _watch(self, loss: torch.Tensor) -> None:
         """Note the generator step in progress if ``loss`` is not finite (no device sync)."""
-        if self._first_bad_step is None or self._first_bad_step.device != loss.device:
-            self._first_bad_step = torch.tensor(math.inf, device=loss.device)
-        step = torch.tensor(float(self.gen_step + 1), device=loss.device)
-        bad = torch.where(torch.isfinite(loss.detach()), math.inf, step)
-        self._first_bad_step = torch.minimum(self._first_bad_step, bad)
+        # Python scalars, not host tensors: a tensor made from a host value would be one copy (a wait) per step.
+        bad = torch.where(torch.isfinite(loss.detach()), math.inf, float(self.gen_step + 1))
+        first = self._first_bad_step
+        self._first_bad_step = bad if first is None or first.device != bad.device else torch.minimum(first, bad)
 
     def _agreed_first_bad_step(self, device: torch.device) -> torch.Tensor:
         """The first bad step over all ranks (the minimum), so that every rank decides alike."""

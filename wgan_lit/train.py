@@ -49,11 +49,16 @@ def build_model(cfg: TrainConfig, datamodule: L.LightningDataModule) -> WGAN:
                 log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, **dataclasses.asdict(cfg.model))
 
 
+# The data modules check_before_run read, by data config: the job that trains on one takes it, not a copy.
+_checked_data: dict[str, L.LightningDataModule] = {}
+
+
 def check_before_run(cfg: DictConfig) -> TrainConfig:
     """Everything that can fail before training, checked without writing: config values, Trainer arguments, the
     data (found and read), the checkpoint to resume (readable, of these networks)."""
     config = validate(cfg)
-    datamodule = build_datamodule(config.data)
+    key = repr(config.data)
+    datamodule = _checked_data[key] = _checked_data.get(key) or build_datamodule(config.data)
     datamodule.prepare_data()
     if config.ckpt_path:
         check_resumable(config.ckpt_path, dict(build_model(config, datamodule).hparams))
@@ -69,8 +74,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     L.seed_everything(cfg.seed, workers=True)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    datamodule = build_datamodule(cfg.data)
-    datamodule.prepare_data()  # fail on missing or corrupt data before anything is written
+    datamodule = _checked_data.pop(repr(cfg.data), None) or build_datamodule(cfg.data)
+    datamodule.prepare_data()  # fail on missing or corrupt data before anything is written (read once)
 
     model = build_model(cfg, datamodule)
     if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts
