@@ -277,3 +277,17 @@ def test_cpu_15min_preset_stops_lightning_after_15_minutes_of_training():
                         logger=False, enable_checkpointing=False)
     (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
     assert timer._duration == 15 * 60
+
+
+def test_every_rank_decides_on_a_divergence_with_the_others():
+    """A rank whose own losses are finite still stops when another rank saw a NaN (the reduce over ranks)."""
+    model = WGAN(**TINY)
+    model._watch(torch.tensor(1.0))  # this rank: finite
+    assert not [name for name, _ in model.named_buffers() if "bad" in name]  # per rank: DDP broadcasts buffers
+    other_rank_bad_at = torch.tensor(4.0)
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        reduce=lambda t, reduce_op: torch.minimum(t, other_rank_bad_at) if reduce_op == "min" else t))
+    with pytest.raises(module_mod.DivergenceError, match="at generator step 4"):
+        model.check_finite()
+    model._trainer = SimpleNamespace(world_size=1)  # control: alone, this rank sees nothing wrong
+    model.check_finite()
