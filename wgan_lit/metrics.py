@@ -1,7 +1,8 @@
 """Sample-quality metrics that need no download: Frechet distance, KID and mode coverage.
 
 * ``fd_classifier``: the Frechet distance between Gaussians fitted to the penultimate features of the
-  project's own Fashion-MNIST classifier (``wgan_lit.classifier``) on generated and real test images;
+  project's own Fashion-MNIST classifier (``wgan_lit.classifier``) on generated and real images
+  (training: 10,000 training images; evaluate: the test set, see ``reference_images``);
   FID's formula with a domain feature extractor. 0 = same mean and covariance; lower is better.
 * ``kid``: the kernel inception distance (unbiased MMD^2, cubic polynomial kernel) on the same features,
   averaged over random subsets; unbiased, so comparable across sample counts, and near 0 for equal
@@ -42,7 +43,7 @@ from wgan_lit.data import resize_uint8, to_unit_range
 from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # what torch-fidelity downloads
-MAX_REFERENCE = 10_000  # real images the statistics are computed from (the whole Fashion-MNIST test set)
+MAX_REFERENCE = 10_000  # real images the statistics are computed from (= the whole Fashion-MNIST test set)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
