@@ -123,6 +123,28 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, key):
     assert str(err.value).startswith(key)
 
 
+@pytest.mark.parametrize("override,used_with", [
+    ("model.adam_beta1=0", "model.optimizer=adam"), ("model.mlp_layers=2", "model.critic=mlp"),
+    ("model.n_extra_layers=1", None),
+])
+def test_a_key_nothing_reads_is_refused_and_accepted_where_it_is_read(override, used_with):
+    only_mlp = ["model.generator=mlp", "model.critic=mlp"] if used_with is None else []
+    with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}=.*it is read only with"):
+        validate(compose_train([*only_mlp, override]))
+    if used_with:  # control: where the key is read it is accepted
+        validate(compose_train([used_with, override]))
+
+
+def test_the_wasserstein_critic_needs_a_constraint_and_the_penalty_refuses_critic_batchnorm():
+    with pytest.raises(ConfigError, match="model.clip_value=0.0: .*Lipschitz"):
+        validate(compose_train(["model.clip_value=0"]))
+    with pytest.raises(ConfigError, match="model.critic_batchnorm=True: .*BatchNorm mixes"):
+        validate(compose_train(["model.clip_value=0", "model.gp_weight=10"]))
+    gp = validate(compose_train(["model=wgan_gp"])).model  # control: the penalty's own option is consistent
+    assert (gp.gp_weight, gp.clip_value, gp.critic_batchnorm, gp.adam_beta1, gp.adam_beta2) == (10, 0, False, 0, 0.9)
+    assert validate(compose_train(["model=gan"])).model.clip_value == 0  # the GAN needs no constraint
+
+
 def test_a_missing_ckpt_path_is_rejected_with_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"ckpt_path='.*gone.ckpt': expected an existing checkpoint file"):
         validate(compose_train([f"ckpt_path={tmp_path}/gone.ckpt"]))
@@ -199,9 +221,9 @@ def test_cpu_15min_preset_is_bounded_by_time_alone():
 @pytest.mark.parametrize("args,expected", [
     (["model.n_critic=abc"], "Error: model.n_critic=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["model.n_critic=0"], "Error: model.n_critic=0: expected an integer >= 1"),
-    (["model.clip_value=-1"], "Error: model.clip_value=-1.0: expected a number > 0"),
+    (["model.clip_value=-1"], "Error: model.clip_value=-1.0: expected a number >= 0"),
     (["data=nope"], "Could not find 'data/nope' (available: celeba, fashion_mnist, folder)"),
-    (["-m", "model.clip_value=0.01,-1"], "model.clip_value=-1.0: expected a number > 0"),
+    (["-m", "model.clip_value=0.01,-1"], "model.clip_value=-1.0: expected a number >= 0"),
     (["trainer.limit_trian_batches=2"], "Error: trainer.limit_trian_batches: not an argument of lightning.Trainer"),
     (["trainer.precision=foo"], "Error: trainer.precision='foo': lightning.Trainer refused it"),
     (["trainer=gpu"] if not torch.cuda.is_available() else ["trainer.max_time=soon"], "Error: trainer."),
@@ -253,9 +275,13 @@ WRONG_VALUES = {
     "max_gen_steps": "0", "checkpoint_every_n_epochs": "0", "checkpoint_every_n_gen_steps": "-1",
     "ckpt_path": "/no/such.ckpt", "cpu_threads": "-1", "metrics.every_n_gen_steps": "-1",
     "metrics.n_samples": "1", "metrics.kid_subsets": "0", "metrics.kid_subset_size": "1",
-    "metrics.checkpoint_monitor": "fid",
+    "metrics.checkpoint_monitor": "fid", "metrics.every_n_seconds": "-1",
+    "model.gp_weight": "-1", "model.critic_batchnorm": "true", "model.loss": "hinge", "model.generator": "resnet",
+    "model.critic": "resnet", "model.n_extra_layers": "-1", "model.mlp_layers": "0", "model.ema_decay": "1",
+    "model.adam_beta1": "0.9", "model.adam_beta2": "0.5",
 }
-CONTEXT = {"data.download": ["data=celeba"]}  # only fashion_mnist downloads
+CONTEXT = {"data.download": ["data=celeba"],  # only fashion_mnist downloads
+           "model.critic_batchnorm": ["model=wgan_gp"], "model.mlp_layers": ["model.generator=mlp"]}
 
 
 def test_the_wrong_value_table_covers_every_ruled_key():

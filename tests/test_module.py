@@ -291,3 +291,105 @@ def test_every_rank_decides_on_a_divergence_with_the_others():
         model.check_finite()
     model._trainer = SimpleNamespace(world_size=1)  # control: alone, this rank sees nothing wrong
     model.check_finite()
+
+
+# ---- the paper's comparisons: gradient penalty, the standard GAN, the averaged generator -------------------
+
+
+class Linear(torch.nn.Module):
+    """D(x) = <w, x>: its input gradient is w at every x, so the penalty is (||w|| - 1)^2 exactly."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return (x.flatten(1) * self.w).sum(1)
+
+
+def test_the_gradient_penalty_targets_a_gradient_norm_of_one():
+    real, fake = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
+    for norm in (1.0, 3.0, 0.25):
+        w = torch.randn(4)
+        w = w / w.norm() * norm
+        assert float(module_mod.gradient_penalty(Linear(w), real, fake)) == pytest.approx((norm - 1) ** 2, abs=1e-6)
+
+
+def test_the_gradient_penalty_is_taken_at_random_interpolates_of_real_and_fake_and_trains_the_critic():
+    real, fake = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2)
+    eps = torch.tensor([0.0, 0.3, 1.0]).view(3, 1, 1, 1)
+    critic = Linear(torch.full((4,), 2.0))
+    penalty = module_mod.gradient_penalty(critic, real, fake, eps)
+    (x_hat,) = critic.inputs
+    assert torch.allclose(x_hat, eps * real + (1 - eps) * fake)  # 1 - eps of the fake: 1.0, 0.7, 0.0
+    penalty.backward()  # create_graph: the penalty has a gradient in the critic's weights
+    assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    module_mod.gradient_penalty(critic, real, fake)  # eps drawn per image: interpolates, not the endpoints
+    drawn = critic.inputs[-1].flatten(1)[:, 0]
+    assert ((drawn > 0) & (drawn < 1)).all() and len(set(drawn.tolist())) == 3
+
+
+def test_with_the_penalty_and_no_clip_the_critic_leaves_the_clip_range_and_the_penalty_changes_its_step():
+    def critic_after_one_step(gp_weight: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = WGAN(clip_value=0, gp_weight=gp_weight, critic_batchnorm=False, optimizer="adam", lr_d=1e-2,
+                     n_critic=5, **TINY)
+        tiny_trainer(1).fit(model, RandomImages())
+        return snapshot(model.critic)
+
+    with_penalty, without = critic_after_one_step(10.0), critic_after_one_step(0.0)
+    assert max(float(p.abs().max()) for p in with_penalty) > 0.01  # no clipping
+    assert not identical(with_penalty, without)  # control: the penalty term reaches the update
+
+
+def test_the_standard_gan_losses_are_binary_cross_entropy_with_the_non_saturating_generator_loss():
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert float(module_mod.gan_discriminator_loss(real, fake)) == pytest.approx(
+        float(bce(real, torch.ones(2)) + bce(fake, torch.zeros(2))))
+    assert float(module_mod.gan_generator_loss(fake)) == pytest.approx(float(bce(fake, torch.ones(2))))
+    # Signs: D's loss falls as real logits rise; G's falls as the fakes' logits rise.
+    assert module_mod.gan_discriminator_loss(real + 1, fake) < module_mod.gan_discriminator_loss(real, fake)
+    assert module_mod.gan_generator_loss(fake + 1) < module_mod.gan_generator_loss(fake)
+
+
+def test_the_gan_model_trains_one_d_step_per_g_step_without_clipping(tmp_path):
+    cfg = validate(compose_train(["model=gan"]))
+    hp = {k: getattr(cfg.model, k) for k in ("loss", "optimizer", "n_critic", "clip_value")}
+    assert hp == {"loss": "gan", "optimizer": "adam", "n_critic": 1, "clip_value": 0}
+    model = WGAN(**{**hp, "lr_d": 5e-2, **TINY})
+    tiny_trainer(4).fit(model, RandomImages())
+    assert model.gen_step == 4
+    assert max(float(p.abs().max()) for p in model.critic.parameters()) > 0.01
+
+
+def test_the_averaged_generator_is_the_exponential_average_of_the_generators_weights():
+    decay = 0.9
+    model = WGAN(ema_decay=decay, n_critic=1, lr_g=1e-2, **TINY)
+    seen: list[list[torch.Tensor]] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(snapshot(pl_module.generator))
+
+    tiny_trainer(3, [Record()]).fit(model, RandomImages())
+    expected = seen[0]  # the first update copies the weights
+    for weights in seen[1:]:
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights, strict=True)]
+    for e, a in zip(expected, model.generator_ema.module.parameters(), strict=True):
+        assert torch.allclose(e, a, atol=1e-6)
+    assert not identical(snapshot(model.generator_ema.module), seen[-1])  # control: not the raw weights
+    assert not any(p.requires_grad for p in model.generator_ema.parameters())
+
+
+def test_samples_come_from_the_averaged_generator_when_there_is_one():
+    model = WGAN(ema_decay=0.5, n_critic=1, lr_g=1e-1, **TINY)
+    tiny_trainer(3).fit(model, RandomImages())
+    z = torch.randn(4, TINY["latent_dim"])
+    ema, raw = model.generate(z), model.generate(z, ema=False)
+    assert not torch.equal(ema, raw)
+    assert torch.equal(ema, model.generator_ema.module.eval()(z))
+    assert WGAN(**TINY).generator_ema is None  # off by default: the paper's generator

@@ -1,11 +1,11 @@
-"""networks.py: the DCGAN generator and critic follow the image size."""
+"""networks.py: the DCGAN generator and critic follow the image size; the paper's noBN, extra-layer and MLP options."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from wgan_lit.networks import Critic, Generator, pyramid
+from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator, pyramid
 
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 1), (64, 3), (56, 3)])
@@ -18,16 +18,39 @@ def test_generator_and_critic_shapes_follow_the_image_size(size, channels):
 
 
 def test_depth_grows_with_image_size():
-    n_convs = lambda net: sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in net.modules())
     assert n_convs(Critic(3, 64, 8, True)) == 5 and n_convs(Critic(1, 32, 8, True)) == 4
     assert n_convs(Critic(1, 28, 8, True)) == 3
     assert n_convs(Generator(100, 3, 64, 8)) == 5 and n_convs(Generator(100, 1, 28, 8)) == 3
     assert pyramid(28) == (7, 2) and pyramid(64) == (4, 4)
 
 
-def test_critic_batchnorm_is_a_switch():
-    has_bn = lambda net: any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+def has_bn(net: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def n_convs(net: torch.nn.Module) -> int:
+    return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in net.modules())
+
+
+def test_batchnorm_is_a_switch_in_both_networks():
     assert has_bn(Critic(1, 28, 8, batchnorm=True)) and not has_bn(Critic(1, 28, 8, batchnorm=False))
+    assert has_bn(Generator(16, 1, 28, 8)) and not has_bn(Generator(16, 1, 28, 8, batchnorm=False))
+
+
+def test_extra_layers_add_size_keeping_convolutions_to_both_networks():
+    g, d = Generator(16, 1, 28, 8, extra_layers=2), Critic(1, 28, 8, True, extra_layers=2)
+    assert n_convs(g) == n_convs(Generator(16, 1, 28, 8)) + 2 and n_convs(d) == n_convs(Critic(1, 28, 8, True)) + 2
+    assert d(g(torch.randn(3, 16))).shape == (3,)
+
+
+def test_the_mlp_networks_have_the_papers_shape():
+    g, d = MLPGenerator(16, 1, 28, width=32, layers=4), MLPCritic(1, 28, width=32, layers=4)
+    linears = [m for m in g.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [32, 32, 32, 32, 28 * 28]  # 4 hidden ReLU layers, then pixels
+    assert sum(isinstance(m, torch.nn.ReLU) for m in g.modules()) == 4
+    images = g(torch.randn(3, 16))
+    assert images.shape == (3, 1, 28, 28) and images.abs().max() <= 1
+    assert d(images).shape == (3,) and not has_bn(g) and not has_bn(d)
 
 
 @pytest.mark.parametrize("size", [30, 8, 100])

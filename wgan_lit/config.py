@@ -25,6 +25,8 @@ DATASETS = ("fashion_mnist", "celeba", "folder")
 DATA_SPLITS = {"fashion_mnist": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
                "folder": ("train", "all")}  # a folder has no splits: both mean every image
 OPTIMIZERS = ("rmsprop", "adam")
+NETWORKS = ("dcgan", "mlp")  # the paper's code: DCGAN, or --mlp_G / --mlp_D
+LOSSES = ("wasserstein", "gan")
 LOGGERS = ("tensorboard", "csv")
 # Sample-quality metrics a best checkpoint can be chosen by, and which way is better (wgan_lit/metrics.py).
 SAMPLE_METRICS = {"fd_classifier": "min", "kid": "min", "coverage": "max", "fid_inception": "min",
@@ -34,15 +36,30 @@ SAMPLE_METRICS = {"fd_classifier": "min", "kid": "min", "coverage": "max", "fid_
 @dataclass
 class ModelConfig:
     latent_dim: int = 100  # paper: z ~ N(0, I) of size 100
-    g_features: int = 64  # width of the generator's last hidden layer (DCGAN's ngf)
-    d_features: int = 64  # width of the critic's first layer (DCGAN's ndf)
+    g_features: int = 64  # width of the generator's last hidden layer (DCGAN's ngf); an MLP's hidden width
+    d_features: int = 64  # width of the critic's first layer (DCGAN's ndf); an MLP's hidden width
     critic_batchnorm: bool = True  # the paper's DCGAN critic uses BatchNorm
+    generator: str = "dcgan"  # or "mlp" (the paper's --mlp_G)
+    critic: str = "dcgan"  # or "mlp" (--mlp_D)
+    g_batchnorm: bool = True  # false: the paper's --noBN generator
+    n_extra_layers: int = 0  # 3x3 conv layers added to both DCGAN networks (--n_extra_layers)
+    mlp_layers: int = 4  # hidden ReLU layers of an MLP network; its width is g_features / d_features (512 in
+    # the paper's MLP runs, 4 hidden layers in its text; its code builds 3)
+    # "wasserstein": the critic estimates W (the paper). "gan": the standard GAN baseline, a sigmoid
+    # discriminator with the non-saturating generator loss (conf/model/gan.yaml).
+    loss: str = "wasserstein"
     optimizer: str = "rmsprop"  # paper: RMSprop, since momentum-based Adam was unstable with clipping
+    adam_beta1: float = 0.5  # DCGAN's Adam betas; WGAN-GP uses (0, 0.9) (conf/model/wgan_gp.yaml)
+    adam_beta2: float = 0.999
     lr_g: float = 5e-5  # paper: alpha = 5e-5 for both networks
     lr_d: float = 5e-5
-    clip_value: float = 0.01  # paper: c = 0.01
+    clip_value: float = 0.01  # paper: c = 0.01; 0 = no clipping
+    gp_weight: float = 0.0  # gradient penalty lambda (Gulrajani et al. 2017 use 10); 0 = off
     n_critic: int = 5  # paper: 5 critic updates per generator update
     paper_critic_schedule: bool = False  # paper's code: 100 critic updates for the first 25 and every 500th
+    # Exponential moving average of the generator's weights (0 = off, 0.999 is usual). When on, it is the
+    # generator of the sample grids, the metrics, generate and evaluate; the critic trains against the raw one.
+    ema_decay: float = 0.0
     n_fixed_samples: int = 64  # size of the fixed noise batch behind the sample grids
     fixed_noise_seed: int = 1234
     # Fast-path switches (measured by benchmarks/throughput.py; see docs/speed.md).
@@ -78,6 +95,7 @@ class MetricsConfig:
     """Sample-quality metrics during training (wgan_lit/metrics.py); conf/metrics/*.yaml."""
 
     every_n_gen_steps: int = 0  # 0 = off; else every N generator steps, at step 0 and at the end
+    every_n_seconds: float = 0.0  # also (or instead) every this many seconds of training; 0 = off
     n_samples: int = 5000  # generated images per evaluation; distances shrink with more, so compare equal n
     seed: int = 0  # the same noise every evaluation, so scores of different steps differ only by the model
     classifier_path: str = ""  # "" = $WGAN_LIT_CACHE or ~/.cache/wgan_lit/fmnist_classifier.pt (built once)
@@ -124,7 +142,20 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
     m, d, lg = c.model, c.data, c.logger
     return [
         ("model.n_critic", m.n_critic, m.n_critic >= 1, "an integer >= 1 (the paper uses 5)"),
-        ("model.clip_value", m.clip_value, m.clip_value > 0, "a number > 0 (the paper uses 0.01)"),
+        ("model.clip_value", m.clip_value, m.clip_value >= 0, "a number >= 0 (the paper uses 0.01; 0 = off)"),
+        ("model.gp_weight", m.gp_weight, m.gp_weight >= 0, "a number >= 0 (Gulrajani et al. use 10; 0 = off)"),
+        ("model.clip_value", m.clip_value, m.loss != "wasserstein" or m.clip_value != 0 or m.gp_weight > 0,
+         "> 0, or model.gp_weight > 0: the Wasserstein critic needs a Lipschitz constraint (model=wgan_gp)"),
+        ("model.critic_batchnorm", m.critic_batchnorm,
+         not (m.gp_weight > 0 and m.critic_batchnorm and m.critic == "dcgan"),
+         "false with model.gp_weight > 0: the penalty is per image, BatchNorm mixes the images of a batch"),
+        ("model.loss", m.loss, m.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
+        ("model.generator", m.generator, m.generator in NETWORKS, f"one of {', '.join(NETWORKS)}"),
+        ("model.critic", m.critic, m.critic in NETWORKS, f"one of {', '.join(NETWORKS)}"),
+        ("model.n_extra_layers", m.n_extra_layers, m.n_extra_layers >= 0, "an integer >= 0"),
+        ("model.mlp_layers", m.mlp_layers, m.mlp_layers >= 1, "an integer >= 1 (the paper uses 4)"),
+        ("model.ema_decay", m.ema_decay, 0 <= m.ema_decay < 1, "0 (off) or a number in (0, 1), e.g. 0.999"),
+        *_unused_rules(m),
         ("model.lr_g", m.lr_g, m.lr_g > 0, "a number > 0 (the paper uses 5e-5)"),
         ("model.lr_d", m.lr_d, m.lr_d > 0, "a number > 0 (the paper uses 5e-5)"),
         ("model.latent_dim", m.latent_dim, m.latent_dim >= 1, "an integer >= 1 (the paper uses 100)"),
@@ -162,10 +193,27 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
     ]
 
 
+def _unused_rules(m: ModelConfig) -> list[tuple[str, Any, bool, str]]:
+    """A key set away from its default where nothing reads it would be accepted and ignored: refuse it."""
+    d = ModelConfig()
+    mlp = "mlp" in (m.generator, m.critic)
+    dcgan = "dcgan" in (m.generator, m.critic)
+    unused = [
+        ("adam_beta1", m.optimizer == "adam", "model.optimizer=adam"),
+        ("adam_beta2", m.optimizer == "adam", "model.optimizer=adam"),
+        ("mlp_layers", mlp, "model.generator=mlp or model.critic=mlp"),
+        ("n_extra_layers", dcgan, "a DCGAN network (model.generator or model.critic = dcgan)"),
+    ]
+    return [(f"model.{key}", getattr(m, key), used or getattr(m, key) == getattr(d, key),
+             f"its default ({getattr(d, key)!r}): it is read only with {where}") for key, used, where in unused]
+
+
 def metrics_rules(mc: MetricsConfig) -> list[tuple[str, Any, bool, str]]:
     return [
         ("metrics.every_n_gen_steps", mc.every_n_gen_steps, mc.every_n_gen_steps >= 0,
          "an integer >= 0 (0 turns the sample-quality metrics off)"),
+        ("metrics.every_n_seconds", mc.every_n_seconds, mc.every_n_seconds >= 0,
+         "a number >= 0 (0 turns the time-based schedule off)"),
         ("metrics.n_samples", mc.n_samples, mc.n_samples >= 2, "an integer >= 2 (5000 is usual)"),
         ("metrics.kid_subsets", mc.kid_subsets, mc.kid_subsets >= 1, "an integer >= 1"),
         ("metrics.kid_subset_size", mc.kid_subset_size, mc.kid_subset_size >= 2,

@@ -7,9 +7,11 @@ Examples::
 
 Prints one table of the sample-quality metrics (``wgan_lit.metrics``) of ``metrics.n_samples`` images drawn
 from fixed noise (``metrics.seed``), or one JSON object with ``json=true``. The ``metrics.*`` keys are those of
-training (``conf/metrics``), with the same defaults, so the numbers compare; ``metrics.every_n_gen_steps``
-and ``metrics.checkpoint_monitor`` only matter in training. The data set and its folder are read from the
-run's ``.hydra/config.yaml`` when the checkpoint sits in a run directory; ``data_root=`` overrides the folder.
+training (``conf/metrics``), with the same defaults, so the numbers compare; ``metrics.every_n_gen_steps``,
+``metrics.every_n_seconds`` and ``metrics.checkpoint_monitor`` only matter in training. A checkpoint with an
+averaged generator (``model.ema_decay``) is scored with it (``metrics``) and without it (``metrics_raw``).
+The data set and its folder are read from the run's ``.hydra/config.yaml`` when the checkpoint sits in a run
+directory; ``data_root=`` overrides the folder.
 """
 
 from __future__ import annotations
@@ -113,10 +115,15 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if scorer is None:
         return result
     z = latents(model, mc.n_samples, mc.seed)  # the codes generate draws for the same seed
-    fake = torch.cat(
-        [to_uint8(model.generate(z[i : i + cfg.batch_size])) for i in range(0, len(z), cfg.batch_size)]
-    )
-    result["metrics"] = scorer.score(fake)
+
+    def score(ema: bool) -> dict[str, float]:
+        fake = torch.cat([to_uint8(model.generate(z[i : i + cfg.batch_size], ema=ema))
+                          for i in range(0, len(z), cfg.batch_size)])
+        return scorer.score(fake)
+
+    if model.generator_ema is not None:  # first, so class_fractions below are the averaged generator's
+        result["metrics_raw"] = score(ema=False)
+    result["metrics"] = score(ema=True)
     result["n_real"] = scorer.n_real
     if scorer.classifier is not None:
         result["class_fractions"] = dict(zip(CLASSES, scorer.class_fractions, strict=True))
@@ -125,12 +132,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The result as one aligned plain-text table."""
-    m = result["metrics"]
+    m, raw = result["metrics"], result.get("metrics_raw")
     rows = [("metric", "value", "better", "notes")]
     for name, mode in SAMPLE_METRICS.items():
         better = "lower" if mode == "min" else "higher"
         if name in m:
             note = f"+- {m[name + '_std']:.4f} (std over KID subsets)" if name + "_std" in m else ""
+            if raw is not None:
+                note = f"without EMA {raw[name]:.4f}" + (f"; {note}" if note else "")
             rows.append((name, f"{m[name]:.4f}", better, note))
         else:
             rows.append((name, "n/a", better, result["skipped"].get(name, "not available for this data set")))
@@ -144,6 +153,7 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"{result['checkpoint']} (generator step {result['gen_step']}): {result['n_samples']} samples, "
         f"seed {result['seed']}, vs {result['n_real']} real {result['data']} {result['real_split']} images"
+        + (", averaged generator (EMA)" if raw is not None else "")
     )
     return head + "\n" + "\n".join(lines)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -258,12 +259,14 @@ def notice(message: str) -> None:
 
 
 class SampleQualityCallback(L.Callback):
-    """Every ``every_n_gen_steps`` generator steps (and at step 0 and the end), score ``n_samples`` images.
+    """Every ``every_n_gen_steps`` generator steps and/or every ``every_n_seconds`` of training (and at step 0
+    and the end), score ``n_samples`` images.
 
     Rank 0 generates from fixed noise (``seed``) and scores them; the scores are broadcast so every rank
     logs the same values. They go to the loggers as ``metrics/<name>`` with step = generator step, and into
     ``trainer.callback_metrics`` (for ModelCheckpoint(monitor="metrics/fd_classifier") and run summaries).
-    ``make_scorer(device)`` builds the :class:`SampleQuality` once, at the start of training.
+    With an averaged generator (``model.ema_decay``) those are its scores, and the raw generator's go to
+    ``metrics_raw/<name>``. ``make_scorer(device)`` builds the :class:`SampleQuality` once, at the start.
     """
 
     def __init__(
@@ -273,11 +276,13 @@ class SampleQualityCallback(L.Callback):
         n_samples: int = 5000,
         seed: int = 0,
         batch_size: int = 500,
+        every_n_seconds: float = 0.0,
     ) -> None:
-        self.make_scorer, self.every = make_scorer, every_n_gen_steps
+        self.make_scorer, self.every, self.seconds = make_scorer, every_n_gen_steps, every_n_seconds
         self.n_samples, self.seed, self.batch_size = n_samples, seed, batch_size
         self.scorer: SampleQuality | None = None
         self._last_step = -1
+        self._last_time = time.monotonic()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path:  # the step a checkpoint holds was scored before it was written (same batch end)
@@ -292,35 +297,47 @@ class SampleQualityCallback(L.Callback):
         last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs >= 1
         return trainer.should_stop or (trainer.is_last_batch and last_epoch)
 
+    def _due(self, trainer: L.Trainer, step: int) -> bool:
+        if step == 0 or (self.every > 0 and step % self.every == 0) or self._is_last_batch(trainer):
+            return True
+        if self.seconds <= 0 or step % 10:
+            return False
+        # Rank 0's clock decides, every 10th generator step, so that every rank takes part in the broadcast.
+        return bool(trainer.strategy.broadcast(time.monotonic() - self._last_time >= self.seconds, src=0))
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = pl_module.gen_step
-        if step == self._last_step or not (step % self.every == 0 or self._is_last_batch(trainer)):
+        if step == self._last_step or not self._due(trainer, step):
             return
         self._last_step = step
         scores = self.evaluate(pl_module) if trainer.is_global_zero else None
         scores = trainer.strategy.broadcast(scores, src=0)
+        self._last_time = time.monotonic()  # the interval is training time, not the evaluation's
         if not scores:
             return  # nothing could be computed (see the notice at the start)
-        named = {f"metrics/{k}": v for k, v in scores.items()}
         for logger in trainer.loggers:
-            logger.log_metrics(named, step=step)
-        for name, value in named.items():
+            logger.log_metrics(scores, step=step)
+        for name, value in scores.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, logger=False)
 
     @torch.no_grad()
     def evaluate(self, module: L.LightningModule) -> dict[str, float]:
-        """Scores of ``n_samples`` images from the fixed noise; draws no random numbers of the run's."""
+        """``metrics/<name>`` (and ``metrics_raw/<name>`` with an averaged generator) of ``n_samples`` images
+        from the fixed noise; draws no random numbers of the run's."""
         if self.scorer is None:
             return {}
         z = torch.randn(
             self.n_samples, module.hparams.latent_dim, generator=torch.Generator().manual_seed(self.seed)
         )
-        fake = torch.cat(
-            [to_uint8(module.generate(z[i : i + self.batch_size])) for i in range(0, len(z), self.batch_size)]
-        )
-        return self.scorer.score(fake)
+        out = {}
+        averaged = getattr(module, "generator_ema", None) is not None
+        for prefix, ema in [("metrics", True), ("metrics_raw", False)][: 2 if averaged else 1]:
+            fake = torch.cat([to_uint8(module.generate(z[i : i + self.batch_size], ema=ema))
+                              for i in range(0, len(z), self.batch_size)])
+            out.update({f"{prefix}/{k}": v for k, v in self.scorer.score(fake).items()})
+        return out
 
 
 # ---- wiring: what train.py and evaluate.py call -------------------------------------------------------
@@ -376,14 +393,15 @@ def sample_quality_callbacks(
 ) -> list[L.Callback]:
     """The training-time callbacks for ``metrics.*``: none when off; else the scorer and, when
     ``metrics.checkpoint_monitor`` is set, a ModelCheckpoint keeping the best step as best-gen<N>.ckpt."""
-    if mc.every_n_gen_steps <= 0:
+    if mc.every_n_gen_steps <= 0 and mc.every_n_seconds <= 0:
         return []
 
     def make_scorer(device: torch.device) -> SampleQuality | None:
         return build_sample_quality(mc, data, data.image_size, device, datamodule)
 
     callbacks: list[L.Callback] = [
-        SampleQualityCallback(make_scorer, mc.every_n_gen_steps, mc.n_samples, mc.seed)
+        SampleQualityCallback(make_scorer, mc.every_n_gen_steps, mc.n_samples, mc.seed,
+                              every_n_seconds=mc.every_n_seconds)
     ]
     if mc.checkpoint_monitor:
         callbacks.append(best_checkpoint(checkpoint_dir, mc.checkpoint_monitor))

@@ -2,6 +2,8 @@
 
 Every training batch is one critic update on fresh real images and fresh noise, followed by clamping all
 critic parameters to [-c, c]. After ``n_critic`` such updates comes one generator update on fresh noise.
+The paper's comparisons are options of the same loop: the gradient penalty of Gulrajani et al. (2017) in
+place of clipping (``gp_weight``), and the standard GAN (``loss="gan"``) as the baseline.
 Lightning's ``global_step`` counts both kinds of optimizer step, so the module keeps its own
 ``gen_step`` counter: it is the x axis of the logged curves and the unit of ``max_gen_steps``.
 """
@@ -15,9 +17,11 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from wgan_lit.config import DataConfig, LoggerConfig, ModelConfig
-from wgan_lit.networks import Critic, Generator
+from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator
 
 
 class DivergenceError(RuntimeError):
@@ -40,6 +44,27 @@ def generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
     return -fake_scores.float().mean()
 
 
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The standard GAN's: binary cross-entropy of sigmoid(D) with real = 1, fake = 0 (float32)."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The non-saturating generator loss -log sigmoid(D(G(z))) of Goodfellow et al. (2014), as DCGAN trains."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                     eps: torch.Tensor | None = None) -> torch.Tensor:
+    """E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = eps * real + (1 - eps) * fake, eps ~ U[0, 1] per image
+    (Gulrajani et al. 2017, Algorithm 1). Differentiable in the critic's weights (create_graph)."""
+    if eps is None:
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
+    return ((grad.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
 @torch.no_grad()
 def clamp_(params: list[torch.Tensor], clip_value: float) -> None:
     """Clamp every tensor to [-clip_value, clip_value] with two multi-tensor kernels, not a Python loop."""
@@ -56,11 +81,26 @@ class WGAN(L.LightningModule):
         self.save_hyperparameters({"image_size": image_size, "channels": channels,
                                    "log_every_n_gen_steps": log_every_n_gen_steps, **dataclasses.asdict(hp)})
         self.automatic_optimization = False
-        self.generator = Generator(hp.latent_dim, channels, image_size, hp.g_features)
-        self.critic = Critic(channels, image_size, hp.d_features, hp.critic_batchnorm)
+        if hp.generator == "mlp":
+            self.generator: torch.nn.Module = MLPGenerator(hp.latent_dim, channels, image_size, hp.g_features,
+                                                           hp.mlp_layers)
+        else:
+            self.generator = Generator(hp.latent_dim, channels, image_size, hp.g_features, hp.g_batchnorm,
+                                       hp.n_extra_layers)
+        if hp.critic == "mlp":
+            self.critic: torch.nn.Module = MLPCritic(channels, image_size, hp.d_features, hp.mlp_layers)
+        else:
+            self.critic = Critic(channels, image_size, hp.d_features, hp.critic_batchnorm, hp.n_extra_layers)
         if hp.channels_last:  # NHWC weights; training_step converts the real batch, G's output follows its weights
             self.generator.to(memory_format=torch.channels_last)
             self.critic.to(memory_format=torch.channels_last)
+        # The averaged generator lives in the module, so checkpoints hold it and a resume continues it exactly.
+        # Built before compile: it only samples, and a copy of a compiled module would compile again.
+        self.generator_ema: AveragedModel | None = None
+        if hp.ema_decay > 0:
+            self.generator_ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay),
+                                               use_buffers=True)  # BatchNorm's running stats averaged too
+            self.generator_ema.requires_grad_(False)  # no optimizer's, and DDP must not wait for its gradients
         if hp.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
             self.generator.compile()
             self.critic.compile()
@@ -92,36 +132,48 @@ class WGAN(L.LightningModule):
         real = batch.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else batch
         n = real.shape[0]
 
+        hp = self.hparams
+        penalty = None
         with self.toggled_optimizer(opt_d):
             with torch.no_grad():
                 fake = self.generator(self.noise(n))
             real_scores = self.critic(real)  # two passes, as in the paper: BatchNorm sees real and fake apart
             fake_scores = self.critic(fake)
-            d_loss = critic_loss(real_scores, fake_scores)
+            if hp.loss == "gan":
+                d_loss = gan_discriminator_loss(real_scores, fake_scores)
+            else:
+                d_loss = critic_loss(real_scores, fake_scores)
+            estimate = d_loss.detach()  # logged: the critic's loss without the penalty
+            if hp.gp_weight > 0:
+                penalty = gradient_penalty(self.critic, real, fake)
+                d_loss = d_loss + hp.gp_weight * penalty
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             opt_d.step()
-            if self.hparams.fused_clamp:
-                clamp_(self._critic_params, self.hparams.clip_value)
-            else:  # the seed projects' loop, one kernel launch per tensor (kept to measure the difference)
+            if hp.clip_value > 0 and hp.fused_clamp:
+                clamp_(self._critic_params, hp.clip_value)
+            elif hp.clip_value > 0:  # the seed projects' loop, one kernel launch per tensor (kept to measure it)
                 for p in self.critic.parameters():
-                    p.data.clamp_(-self.hparams.clip_value, self.hparams.clip_value)
+                    p.data.clamp_(-hp.clip_value, hp.clip_value)
         self._watch(d_loss)
         self.critic_step_in_iter += 1
 
         if self.critic_step_in_iter < self.critic_iters(self.gen_step):
             return
         with self.toggled_optimizer(opt_g):
-            g_loss = generator_loss(self.critic(self.generator(self.noise(n))))
+            fake_scores = self.critic(self.generator(self.noise(n)))
+            g_loss = gan_generator_loss(fake_scores) if hp.loss == "gan" else generator_loss(fake_scores)
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
+        if self.generator_ema is not None:
+            self.generator_ema.update_parameters(self.generator)
         self._watch(g_loss)
         self.critic_step_in_iter = 0
         self.gen_step += 1
         self.log("gen_step", self.gen_step, prog_bar=True, logger=False)  # host int: no device sync
         if self.gen_step % self.hparams.log_every_n_gen_steps == 0:
-            self._log_curves(d_loss=d_loss, g_loss=g_loss)
+            self._log_curves(d_loss=estimate, g_loss=g_loss, penalty=penalty)
 
     def _watch(self, loss: torch.Tensor) -> None:
         """Note the generator step in progress if ``loss`` is not finite (no device sync)."""
@@ -138,17 +190,28 @@ class WGAN(L.LightningModule):
             first_bad = self.trainer.strategy.reduce(first_bad, reduce_op="min")
         return first_bad
 
-    def _log_curves(self, d_loss: torch.Tensor, g_loss: torch.Tensor) -> None:
+    def _log_curves(self, d_loss: torch.Tensor, g_loss: torch.Tensor, penalty: torch.Tensor | None) -> None:
+        """``d_loss``: the critic's loss without the penalty, whose negative is the W estimate."""
         # One device sync per log point, none in between. Every rank logs at the same step: the reduce is safe.
         bad = self._agreed_first_bad_step(d_loss.device)
-        d, g, bad = torch.stack([d_loss.detach().float(), g_loss.detach().float(), bad]).cpu().tolist()
+        gp = torch.zeros_like(bad) if penalty is None else penalty.detach().float()
+        d, g, gp, bad = torch.stack([d_loss.detach().float(), g_loss.detach().float(), gp, bad]).cpu().tolist()
         if bad != math.inf:  # any rank's NaN stops them all, with one message
             raise self._divergence(int(bad))
-        metrics = {"critic/loss": d, "critic/wasserstein": -d, "generator/loss": g}
+        metrics = {"critic/loss": d, "generator/loss": g}
+        if self.hparams.loss == "gan":  # the JS divergence estimate the paper plots (Fig. 4): log 2 - loss / 2
+            metrics["critic/js_estimate"] = math.log(2) - d / 2
+        else:
+            metrics["critic/wasserstein"] = -d
+        if penalty is not None:
+            metrics["critic/gradient_penalty"] = gp
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.gen_step)
         # Also into callback_metrics (progress bar, checkpoint names); the loggers got them above.
-        self.log("W", -d, prog_bar=True, logger=False)
+        if self.hparams.loss == "wasserstein":
+            self.log("W", -d, prog_bar=True, logger=False)
+        else:
+            self.log("JS", metrics["critic/js_estimate"], prog_bar=True, logger=False)
         self.log("g_loss", g, logger=False)  # final value goes to the HParams view (HParamsSummary)
 
     def _divergence(self, gen_step: int, what: str = "a critic or generator loss") -> DivergenceError:
@@ -178,8 +241,8 @@ class WGAN(L.LightningModule):
         hp = self.hparams
         if hp.optimizer == "rmsprop":
             make = torch.optim.RMSprop
-        elif hp.optimizer == "adam":  # the paper reports it less stable; DCGAN's betas
-            make = functools.partial(torch.optim.Adam, betas=(0.5, 0.999))
+        elif hp.optimizer == "adam":  # the paper reports it less stable with clipping; DCGAN's betas by default
+            make = functools.partial(torch.optim.Adam, betas=(hp.adam_beta1, hp.adam_beta2))
         else:
             raise ValueError(f"optimizer={hp.optimizer!r}: expected 'rmsprop' or 'adam'")
         return [make(self.generator.parameters(), lr=hp.lr_g), make(self.critic.parameters(), lr=hp.lr_d)]
@@ -197,14 +260,16 @@ class WGAN(L.LightningModule):
     # ---- sampling --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] for latent codes ``z``, with BatchNorm in inference mode (changes no state)."""
-        was_training = self.generator.training
-        self.generator.eval()
+    def generate(self, z: torch.Tensor, ema: bool = True) -> torch.Tensor:
+        """Images in [-1, 1] for latent codes ``z``, with BatchNorm in inference mode (changes no state).
+        From the averaged generator when the model keeps one, unless ``ema=False``."""
+        net = self.generator_ema.module if ema and self.generator_ema is not None else self.generator
+        was_training = net.training
+        net.eval()
         try:
-            return self.generator(z.to(self.device))
+            return net(z.to(self.device))
         finally:
-            self.generator.train(was_training)
+            net.train(was_training)
 
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
         """``n`` fresh images in [-1, 1]; a seed makes them reproducible without touching the global RNG."""
