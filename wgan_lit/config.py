@@ -111,6 +111,17 @@ class MetricsConfig:
 
 
 @dataclass
+class FastPathConfig:
+    """The startup probe that picks precision, threads, memory layout and compile by timing (fast_path.py)."""
+
+    probe: bool = False  # true: time each candidate for a few steps at start, train with the fastest (cached)
+    iters: int = 6  # timed generator iterations per candidate and round
+    rounds: int = 2  # rounds over all candidates; the median is compared
+    compile: bool = True  # also time torch.compile on the fastest (about a minute, once per machine)
+    cache: str = ""  # "" = $WGAN_LIT_CACHE or ~/.cache/wgan_lit/fast_path.json (per machine and workload)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +138,7 @@ class TrainConfig:
     # OpenMP threads spin-waiting for a core (measured up to 10x slower with 2 threads; docs/speed.md).
     cpu_threads: int = 0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    fast_path: FastPathConfig = field(default_factory=FastPathConfig)
 
 
 class ConfigError(ValueError):
@@ -190,6 +202,17 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
          "an existing checkpoint file, e.g. outputs/<date>/<time>/checkpoints/last.ckpt (or empty)"),
         ("cpu_threads", c.cpu_threads, c.cpu_threads >= 0, "an integer >= 0 (0 = one thread per core)"),
         *metrics_rules(c.metrics),
+        ("fast_path.iters", c.fast_path.iters, c.fast_path.iters >= 2, "an integer >= 2"),
+        ("fast_path.rounds", c.fast_path.rounds, c.fast_path.rounds >= 1, "an integer >= 1"),
+        ("fast_path.probe", c.fast_path.probe,
+         not c.fast_path.probe or (c.trainer.get("devices", 1) in (1, "1") and c.trainer.get("num_nodes", 1) == 1),
+         "false with more than one device or node: the probe times one process (set the fast path by hand)"),
+        *[(key, value, not c.fast_path.probe or value == default,
+           "unset with fast_path.probe=true, which chooses it (fast_path.probe=false to set it yourself)")
+          for key, value, default in (("trainer.precision", c.trainer.get("precision"), None),
+                                      ("cpu_threads", c.cpu_threads, 0),
+                                      ("model.channels_last", m.channels_last, ModelConfig.channels_last),
+                                      ("model.compile", m.compile, ModelConfig.compile))],
     ]
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from wgan_lit import cli
+from wgan_lit import cli, fast_path
 from wgan_lit.callbacks import OneRunDirError, build_callbacks
 from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, check_resumable
 from wgan_lit.classifier import ClassifierError
@@ -71,11 +71,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     ``extra_callbacks`` join the run's own (for tests and notebooks that watch a run).
     """
     run_dir = Path(run_dir)
+    datamodule = _checked_data.pop(repr(cfg.data), None) or build_datamodule(cfg.data)
+    datamodule.prepare_data()  # fail on missing or corrupt data before anything is written (read once)
+    cfg = fast_path.resolve(cfg, datamodule.channels)  # fast_path.probe: precision, threads, layout, compile
     L.seed_everything(cfg.seed, workers=True)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    datamodule = _checked_data.pop(repr(cfg.data), None) or build_datamodule(cfg.data)
-    datamodule.prepare_data()  # fail on missing or corrupt data before anything is written (read once)
 
     model = build_model(cfg, datamodule)
     if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts

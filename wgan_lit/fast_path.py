@@ -1,0 +1,243 @@
+"""Choose how to run a workload on this machine by timing it: ``fast_path.probe=true``.
+
+The fastest settings differ between machines (bf16 autocast was 1.4x float32 on one 2-core CPU and 0.76x on
+another), so they are measured, not assumed. The probe trains a few generator iterations of the run's own
+networks on random images for each candidate, through the same Lightning Trainer, and keeps the fastest:
+
+* ``trainer.precision``: ``32-true`` or ``bf16-mixed``;
+* ``cpu_threads``: one per core or one (on a CPU);
+* ``model.channels_last``: NHWC or NCHW;
+* ``model.compile``: tried last, on the fastest of the above (compiling takes a minute, once per machine).
+
+Float32 with the defaults is the baseline; another candidate must beat it by ``MARGIN`` to be chosen, so the
+choice is never slower than float32 by more than the timing noise. The result is printed and cached per
+machine and workload (``fast_path.cache``), so later runs start at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from wgan_lit.config import TrainConfig
+from wgan_lit.data import InMemoryImages, pass_through
+
+log = logging.getLogger("wgan_lit.fast_path")
+MARGIN = 0.05  # a candidate must be this much faster than float32 to be chosen over it
+# The config keys the probe decides; fast_path.probe=true refuses them set by hand (config.py's rules).
+DECIDES = ("trainer.precision", "cpu_threads", "model.channels_last", "model.compile")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: str = "32-true"
+    threads: int = 0  # torch.set_num_threads; 0 = torch's default (one per core)
+    channels_last: bool = True
+    compile: bool = False
+
+    def label(self) -> str:
+        threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "") if self.threads else "all threads"
+        return (f"{self.precision}, {threads}, {'channels_last' if self.channels_last else 'NCHW'}"
+                + (", compile" if self.compile else ""))
+
+
+BASELINE = Candidate()  # float32 with the defaults
+
+
+def candidates(accelerator: str, cores: int) -> list[Candidate]:
+    """Every combination of precision, threads and memory layout worth timing here (compile comes later)."""
+    threads = [0, 1] if accelerator == "cpu" and cores > 1 else [0]
+    return [Candidate(p, t, c) for p, t, c in itertools.product(("32-true", "bf16-mixed"), threads, (True, False))]
+
+
+def choose(seconds: dict[Candidate, float]) -> Candidate:
+    """The fastest candidate (seconds per generator iteration), unless float32 is within MARGIN of it."""
+    fastest = min(seconds, key=seconds.get)
+    if BASELINE in seconds and seconds[fastest] > (1 - MARGIN) * seconds[BASELINE]:
+        return BASELINE
+    return fastest
+
+
+def probe(time_one: Callable[[Candidate], float], cands: list[Candidate], rounds: int, try_compile: bool
+          ) -> tuple[Candidate, dict[Candidate, float]]:
+    """Time every candidate ``rounds`` times, interleaved (a burst of load hits all alike), and take the median;
+    then, with ``try_compile``, the fastest once more with torch.compile. Returns (choice, seconds)."""
+    times: dict[Candidate, list[float]] = {c: [] for c in cands}
+    for _ in range(rounds):
+        for c in cands:
+            times[c].append(time_one(c))
+    seconds = {c: statistics.median(v) for c, v in times.items()}
+    choice = choose(seconds)
+    if try_compile:
+        compiled = dataclasses.replace(choice, compile=True)
+        seconds[compiled] = time_one(compiled)
+        if seconds[compiled] < (1 - MARGIN) * seconds[choice]:
+            choice = compiled
+    return choice, seconds
+
+
+# ---- timing one candidate with the run's own Trainer ---------------------------------------------------
+
+
+class _Stamps(L.Callback):
+    """A time stamp at the end of every generator iteration after ``warmup``; stops ``iters`` later."""
+
+    def __init__(self, warmup: int, iters: int) -> None:
+        self.warmup, self.iters, self.stamps = warmup, iters, []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        if pl_module.critic_step_in_iter != 0 or pl_module.gen_step < self.warmup:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.stamps.append(time.perf_counter())
+        if pl_module.gen_step >= self.warmup + self.iters:
+            trainer.should_stop = True
+
+
+def time_candidate(cfg: TrainConfig, channels: int, cand: Candidate, iters: int, warmup: int = 2) -> float:
+    """Median seconds per generator iteration of the run's networks on random images with ``cand``."""
+    from wgan_lit.module import WGAN
+
+    hp = {**dataclasses.asdict(cfg.model), "channels_last": cand.channels_last, "compile": cand.compile,
+          "paper_critic_schedule": False}  # its 100-step critic phases would swamp the timings
+    size, batch = cfg.data.image_size, cfg.data.batch_size
+    images = InMemoryImages(torch.rand(4 * batch, channels, size, size) * 2 - 1)
+    loader = DataLoader(images, batch_size=batch, drop_last=True, collate_fn=pass_through,
+                        sampler=RandomSampler(images, replacement=True, num_samples=10**9))
+    before = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cand.threads:
+            torch.set_num_threads(cand.threads)
+        try:
+            torch.manual_seed(0)
+            stamps = _Stamps(warmup + (3 if cand.compile else 0), iters)  # compiling happens in the warm-up
+            trainer = L.Trainer(
+                accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, precision=cand.precision,
+                max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[stamps])
+            trainer.fit(WGAN(image_size=size, channels=channels, **hp), train_dataloaders=loader)
+        finally:
+            torch.set_num_threads(before)
+    return statistics.median(b - a for a, b in itertools.pairwise(stamps.stamps))
+
+
+# ---- the cache and what train.py calls ------------------------------------------------------------------
+
+
+def machine_key(accelerator: str) -> str:
+    """What the timings depend on besides the workload: the processor (or GPU), cores, torch's version."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = _cpu_name()
+    return f"{device} | {os.cpu_count()} cores | torch {torch.__version__}"
+
+
+def _cpu_name() -> str:
+    """The model name and a digest of the feature flags: virtual machines often report a bare "AMD EPYC"
+    for CPUs of different generations, and the flags (avx512_bf16, amx_bf16, ...) decide bf16's speed."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = hashlib.sha256(line.split(":", 1)[1].strip().encode()).hexdigest()[:8]
+    except OSError:
+        pass
+    return f"{name} (flags {flags})" if flags else name
+
+
+def workload_key(cfg: TrainConfig, channels: int) -> str:
+    """The settings that change the work of one generator iteration."""
+    work = {k: v for k, v in dataclasses.asdict(cfg.model).items()
+            if k not in ("channels_last", "compile", "lr_g", "lr_d", "fixed_noise_seed", "n_fixed_samples",
+                         "paper_critic_schedule", "clip_value")}
+    work.update(image_size=cfg.data.image_size, batch_size=cfg.data.batch_size, channels=channels)
+    return hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(configured: str) -> Path:
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("WGAN_LIT_CACHE") or Path.home() / ".cache" / "wgan_lit") / "fast_path.json"
+
+
+def apply(cfg: TrainConfig, cand: Candidate) -> TrainConfig:
+    """``cfg`` with the candidate's settings."""
+    return dataclasses.replace(
+        cfg, trainer={**cfg.trainer, "precision": cand.precision}, cpu_threads=cand.threads,
+        model=dataclasses.replace(cfg.model, channels_last=cand.channels_last, compile=cand.compile))
+
+
+def table(seconds: dict[Candidate, float], choice: Candidate) -> str:
+    base = seconds.get(BASELINE)
+    rows = [f"  {c.label():<42} {1 / s:8.2f} gen it/s" + (f"  {base / s:5.2f}x float32" if base else "")
+            + ("  <- chosen" if c == choice else "") for c, s in sorted(seconds.items(), key=lambda x: x[1])]
+    return "\n".join(rows)
+
+
+def resolve(cfg: TrainConfig, channels: int,
+            time_one: Callable[[Candidate], float] | None = None) -> TrainConfig:
+    """With ``fast_path.probe``, the config with the settings measured fastest here (cached); else ``cfg``."""
+    fp = cfg.fast_path
+    if not fp.probe:
+        return cfg
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    machine, work = machine_key(accelerator), workload_key(cfg, channels)
+    path = cache_path(fp.cache)
+    cache = _read(path)
+    entry = cache.get(machine, {}).get(work)
+    if entry is not None:
+        choice = Candidate(**entry["choice"])
+        log.info("fast path (cached in %s for %s): %s", path, machine, choice.label())
+        return apply(cfg, choice)
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cands = candidates("cpu" if on_cpu else "gpu", os.cpu_count() or 1)
+    log.info("fast path: timing %d candidates x %d rounds of %d generator iterations%s ...", len(cands),
+             fp.rounds, fp.iters, ", then torch.compile" if fp.compile else "")
+    time_one = time_one or (lambda c: time_candidate(cfg, channels, c, fp.iters))
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # no Trainer banners per candidate
+    try:
+        choice, seconds = probe(time_one, cands, fp.rounds, fp.compile)
+    finally:
+        quiet.setLevel(level)
+    log.info("fast path for %s:\n%s", machine, table(seconds, choice))
+    cache.setdefault(machine, {})[work] = {"choice": dataclasses.asdict(choice),
+                                           "gen_it_per_s": {c.label(): 1 / s for c, s in seconds.items()}}
+    _write(path, cache)
+    return apply(cfg, choice)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: probe again and rewrite it
+        return {}
+
+
+def _write(path: Path, cache: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cache, indent=2))
+    os.replace(tmp, path)  # atomic: a concurrent run reads the old file or the new one
