@@ -50,6 +50,7 @@ from wgan_lit.cli import CONF_DIR  # noqa: E402
 from wgan_lit.config import register_configs, validate  # noqa: E402
 from wgan_lit.data import FashionMNISTDataModule, build_datamodule  # noqa: E402
 from wgan_lit.fashion_mnist import locate_fashion_mnist  # noqa: E402
+from wgan_lit.fast_path import GenIterStamps  # noqa: E402
 from wgan_lit.module import WGAN, critic_loss, generator_loss  # noqa: E402
 from wgan_lit.networks import Critic, Generator  # noqa: E402
 
@@ -153,22 +154,6 @@ def rate_from(stamps: list[float]) -> float:
 # ---- the project's training through Lightning ------------------------------------------------------------
 
 
-class GenIterTimer(L.Callback):
-    """Time stamp every generator iteration after ``warmup``; stop the run ``iters`` iterations later."""
-
-    def __init__(self, warmup: int, iters: int) -> None:
-        self.warmup, self.iters, self.stamps = warmup, iters, []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object,
-                           batch: object, batch_idx: int) -> None:
-        if pl_module.critic_step_in_iter != 0 or pl_module.gen_step < self.warmup:
-            return  # not the end of a timed generator iteration
-        sync(pl_module.device)
-        self.stamps.append(time.perf_counter())
-        if pl_module.gen_step == self.warmup + self.iters:
-            trainer.should_stop = True
-
-
 class PerItemDataModule(L.LightningDataModule):
     """The 'in-memory uint8 batches' switch turned off: the seed projects' loader inside Lightning."""
 
@@ -224,7 +209,7 @@ def lightning_rate(cfg: argparse.Namespace, overrides: list[str], dataset: torch
         datamodule = build_datamodule(tc.data)
     model = WGAN(image_size=tc.data.image_size, channels=datamodule.channels,
                  log_every_n_gen_steps=tc.logger.log_every_n_gen_steps, **dataclasses.asdict(tc.model))
-    timer = GenIterTimer(cfg.warmup, cfg.iters)
+    timer = GenIterStamps(cfg.warmup, cfg.iters)
     trainer = L.Trainer(
         **{**tc.trainer, "enable_checkpointing": False, "enable_model_summary": False},
         logger=TensorBoardLogger(save_dir=log_dir, name="tb", version="", default_hp_metric=False),

@@ -95,8 +95,9 @@ def probe(time_one: Callable[[Candidate], float], cands: list[Candidate], rounds
 # ---- timing one candidate with the run's own Trainer ---------------------------------------------------
 
 
-class _Stamps(L.Callback):
-    """A time stamp at the end of every generator iteration after ``warmup``; stops ``iters`` later."""
+class GenIterStamps(L.Callback):
+    """A time stamp at the end of every generator iteration after ``warmup``; stops ``iters`` later (also the
+    timer of benchmarks/throughput.py)."""
 
     def __init__(self, warmup: int, iters: int) -> None:
         self.warmup, self.iters, self.stamps = warmup, iters, []
@@ -128,7 +129,7 @@ def time_candidate(cfg: TrainConfig, channels: int, cand: Candidate, iters: int,
             torch.set_num_threads(cand.threads)
         try:
             torch.manual_seed(0)
-            stamps = _Stamps(warmup + (3 if cand.compile else 0), iters)  # compiling happens in the warm-up
+            stamps = GenIterStamps(warmup + (3 if cand.compile else 0), iters)  # compiling happens in the warm-up
             trainer = L.Trainer(
                 accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, precision=cand.precision,
                 max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -147,11 +148,11 @@ def machine_key(accelerator: str) -> str:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         device = torch.cuda.get_device_name(0)
     else:
-        device = _cpu_name()
+        device = cpu_name()
     return f"{device} | {os.cpu_count()} cores | torch {torch.__version__}"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The model name and a digest of the feature flags: virtual machines often report a bare "AMD EPYC"
     for CPUs of different generations, and the flags (avx512_bf16, amx_bf16, ...) decide bf16's speed."""
     name, flags = platform.processor() or platform.machine(), ""
