@@ -188,7 +188,8 @@ def test_inception_metrics_when_weights_are_on_disk(random_inception_weights):
 # ---- during training --------------------------------------------------------------------------------------
 
 
-def test_callback_logs_on_generator_steps_and_keeps_the_best_checkpoint(tmp_path):
+@pytest.mark.parametrize("n_critic", [2, 1])  # 1: the first batch already ends at generator step 1
+def test_callback_logs_on_generator_steps_and_keeps_the_best_checkpoint(tmp_path, n_critic):
     from wgan_lit.callbacks import GeneratorStepLimit
 
     real = random_uint8(100, seed=1)
@@ -201,7 +202,7 @@ def test_callback_logs_on_generator_steps_and_keeps_the_best_checkpoint(tmp_path
     quality = SampleQualityCallback(make_scorer, every_n_gen_steps=2, n_samples=30, seed=0)
     best = best_checkpoint(tmp_path / "ckpt", "fd_classifier")
     logger = CSVLogger(tmp_path, name="csv", version="")
-    model = WGAN(n_critic=2, log_every_n_gen_steps=100, **TINY)
+    model = WGAN(n_critic=n_critic, log_every_n_gen_steps=100, **TINY)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -223,7 +224,7 @@ def test_callback_logs_on_generator_steps_and_keeps_the_best_checkpoint(tmp_path
         for r in rows[1:]
         if r.split(",")[header.index("metrics/coverage")]
     ]
-    assert steps == [0, 2, 4, 5]  # step 0, every 2 generator steps, and the final model
+    assert steps == [0, 2, 4, 5]  # the untrained model, every 2 generator steps, and the final model
     assert {"metrics/fd_classifier", "metrics/kid", "metrics/coverage"} <= set(trainer.callback_metrics)
     saved = list((tmp_path / "ckpt").glob("best-*.ckpt"))
     assert len(saved) == 1

@@ -298,19 +298,28 @@ class SampleQualityCallback(L.Callback):
         return trainer.should_stop or (trainer.is_last_batch and last_epoch)
 
     def _due(self, trainer: L.Trainer, step: int) -> bool:
-        if step == 0 or (self.every > 0 and step % self.every == 0) or self._is_last_batch(trainer):
+        if (self.every > 0 and step % self.every == 0) or self._is_last_batch(trainer):
             return True
         if self.seconds <= 0 or step % 10:
             return False
         # Rank 0's clock decides, every 10th generator step, so that every rank takes part in the broadcast.
         return bool(trainer.strategy.broadcast(time.monotonic() - self._last_time >= self.seconds, src=0))
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # The untrained generator, before the first batch: with n_critic=1 no batch ends at step 0.
+        if pl_module.gen_step == 0 and self._last_step < 0:
+            self._score(trainer, pl_module, 0)
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = pl_module.gen_step
-        if step == self._last_step or not self._due(trainer, step):
-            return
+        if step != self._last_step and self._due(trainer, step):
+            self._score(trainer, pl_module, step)
+
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self._last_step = step
         scores = self.evaluate(pl_module) if trainer.is_global_zero else None
         scores = trainer.strategy.broadcast(scores, src=0)

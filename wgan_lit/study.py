@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from wgan_lit import cli
 
@@ -115,6 +116,8 @@ def run_arm(name: str, cfg: StudyConfig, extra: list[str]) -> Path:
 
     ev = EvaluateConfig(checkpoint=str(run_dir / "checkpoints" / "last.ckpt"))
     ev.metrics.n_samples, ev.metrics.inception = cfg.eval_samples, False
+    # the classifier the arm trained with (``-- metrics.classifier_path=...``), not the default one
+    ev.metrics.classifier_path = OmegaConf.load(run_dir / ".hydra" / "config.yaml").metrics.classifier_path
     (run_dir / "evaluate.json").write_text(json.dumps(evaluate(ev), indent=2))
     done.write_text(json.dumps({"overrides": overrides}, indent=2))
     return run_dir
@@ -300,8 +303,18 @@ def _row(results: dict[str, dict[str, Any]], arm: str, label: str) -> str:
     return (f"| {label} | {m['fd_classifier']:.1f} | {m['coverage']:.3f} | {m['kid']:.4f} | {r['steps']:,} |")
 
 
-def _verdict(ok: bool | None, yes: str, no: str) -> str:
-    return "not measured (arms missing)" if ok is None else (yes if ok else no)
+def _verdict(ok: bool | None, yes: str, no: str, missing: str = "not measured (arms missing)") -> str:
+    return missing if ok is None else (yes if ok else no)
+
+
+def _rho_verdict(rho: float, ok: bool, arm: str, results: dict[str, dict[str, Any]], yes: str, no: str) -> str:
+    """A verdict on a Spearman rho; nan when the arm is missing or has fewer than 3 (loss, score) pairs."""
+    if arm not in results:
+        return f"not measured ({arm} missing)."
+    if math.isnan(rho):
+        return (f"not measured ({arm} has fewer than 3 scores with loss log points before them: train longer, "
+                "or lower metric_seconds or logger.log_every_n_gen_steps).")
+    return yes if ok else no
 
 
 def robustness(fd: dict[str, float], cov: dict[str, float]) -> str:
@@ -370,14 +383,14 @@ def report(cfg: StudyConfig, machine: str, extra: list[str] = ()) -> Path:
         f"| wgan_dcgan | W estimate | {w_rho:.2f} |",
         f"| gan_dcgan | JS estimate | {g_rho:.2f} |",
         "",
-        "Here: " + _verdict(None if math.isnan(w_rho) else w_rho > 0.5,
-                            f"the W estimate tracked quality (rho {w_rho:.2f} > 0.5), as the paper says.",
-                            f"the W estimate did not track quality well here (rho {w_rho:.2f} <= 0.5), "
-                            "against the paper."),
-        " " + _verdict(None if math.isnan(g_rho) else abs(g_rho) < 0.5,
-                       f"The GAN's JS estimate did not (rho {g_rho:.2f}), as the paper says.",
-                       f"The GAN's JS estimate tracked it too (rho {g_rho:.2f} >= 0.5): in runs this short the "
-                       "paper's contrast did not show."),
+        "Here: " + _rho_verdict(w_rho, w_rho > 0.5, "wgan_dcgan", results,
+                                f"the W estimate tracked quality (rho {w_rho:.2f} > 0.5), as the paper says.",
+                                f"the W estimate did not track quality well here (rho {w_rho:.2f} <= 0.5), "
+                                "against the paper."),
+        " " + _rho_verdict(g_rho, abs(g_rho) < 0.5, "gan_dcgan", results,
+                           f"The GAN's JS estimate did not (rho {g_rho:.2f}), as the paper says.",
+                           f"The GAN's JS estimate tracked it too (rho {g_rho:.2f} >= 0.5): in runs this short "
+                           "the paper's contrast did not show."),
         "",
         "## 2. Robustness to the generator's architecture (paper Fig. 5-6)",
         "",
@@ -452,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m wgan_lit.study [key=value ...] [-- train overrides for every arm ...]``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    # arms=a,b is one string here, not the Hydra sweep that a bare comma would make it
+    own = [f"arms='{w[5:]}'" if w.startswith("arms=") and w[5:6] not in ("'", '"') else w for w in own]
     cfg = cli.parse(StudyConfig, own, prog="wgan_lit.study",
                     doc=__doc__ + "\nArms:\n" + "\n".join(f"  {a}: {' '.join(o)}" for a, o in ARMS.items()),
                     check=check)

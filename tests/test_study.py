@@ -1,0 +1,164 @@
+"""wgan_lit/study.py: a tiny study end to end (arms trained, scored, reused, reported, the notebook run on it),
+and the pieces its verdicts rest on (Spearman's rho, the loss/score pairing, the architecture verdict)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, assert_one_error, call, tiny_classifier, write_fake_fashion_mnist
+from wgan_lit import classifier as clf
+from wgan_lit import study
+from wgan_lit.evaluate import EvaluateConfig, evaluate
+
+# Six arms cover every section of the report; the other five are missing on purpose (reported as not run).
+ARMS = "wgan_dcgan,wgan_mlp,gan_dcgan,gan_mlp,clip_0.1,wgan_gp"
+
+
+def study_args(runs: Path, out: Path) -> list[str]:
+    return [f"runs={runs}", f"out={out}", "minutes=1", f"arms={ARMS}", "metric_seconds=0.2", "n_samples=64",
+            "eval_samples=64", "cpu_threads=1"]
+
+
+def train_args(tmp: Path) -> list[str]:
+    data = write_fake_fashion_mnist(tmp / "data", n_train=256, n_test=64)
+    weights = clf.save(tiny_classifier(), tmp / "classifier.pt", test_accuracy=1.0)
+    # scores at steps 0, 3, 6, 9, 12 and the loss at every step: the rho of 4 windows, whatever the clock says
+    return ["--", f"data.root={data}", f"metrics.classifier_path={weights}", "max_gen_steps=12",
+            "metrics.every_n_gen_steps=3", "logger.log_every_n_gen_steps=1",
+            "model.g_features=8", "model.d_features=8", "model.latent_dim=16", "data.batch_size=16",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> tuple[list[str], Path, Path]:
+    tmp = tmp_path_factory.mktemp("study")
+    args = [*study_args(tmp / "runs", tmp / "out"), *train_args(tmp)]
+    assert study.main(args) == 0
+    return args, tmp / "runs", tmp / "out"
+
+
+@pytest.mark.slow
+def test_a_tiny_study_trains_scores_and_reports_every_chosen_arm(tiny_study):
+    args, runs, out = tiny_study
+    for arm in ARMS.split(","):
+        ev = json.loads((runs / arm / "evaluate.json").read_text())
+        assert ev["gen_step"] == 12 and ev["n_samples"] == 64
+        curves = study.scalars(runs / arm)
+        assert len(curves["metrics/fd_classifier"]) >= 5  # at steps 0, 3, 6, 9, 12 (and on the clock)
+    # the final score used the classifier the arms were given (-- metrics.classifier_path=), not the default
+    given = next(w.split("=", 1)[1] for w in args if w.startswith("metrics.classifier_path="))
+    other = clf.save(tiny_classifier(seed=1), runs.parent / "other.pt", test_accuracy=1.0)
+    scores = {}
+    for weights in (given, other):
+        cfg = EvaluateConfig(checkpoint=str(runs / "wgan_gp" / "checkpoints" / "last.ckpt"))
+        cfg.metrics.n_samples, cfg.metrics.inception, cfg.metrics.classifier_path = 64, False, str(weights)
+        scores[weights] = evaluate(cfg)["metrics"]["fd_classifier"]
+    reported = json.loads((runs / "wgan_gp" / "evaluate.json").read_text())["metrics"]["fd_classifier"]
+    assert reported == scores[given] != scores[other]
+    page = (out / "paper.md").read_text()
+    for name in ("paper_meaningful_loss.png", "paper_architectures.png", "paper_clip.png", "paper_clip_vs_gp.png"):
+        assert (out / name).stat().st_size > 1000 and f"({name})" in page
+    ev = json.loads((runs / "wgan_gp" / "evaluate.json").read_text())["metrics"]
+    assert f"| {ev['fd_classifier']:.1f} | {ev['coverage']:.3f} |" in page  # the table holds the arm's scores
+    assert "| WGAN, no BatchNorm | not run |" in page and "| GAN, no BatchNorm | not run |" in page
+    assert "Robustness" in page and "not measured (arms missing)." in page  # two architectures are missing
+    assert "| 0.1 | clip_0.1 |" in page and "| 0.005 |" not in page
+    rho = re.search(r"\| wgan_dcgan \| W estimate \| (\S+) \|", page).group(1)
+    assert -1 <= float(rho) <= 1 and f"(rho {rho}" in page  # 4 scores after the first: a verdict, not "too few"
+    assert "python -m wgan_lit.study runs=" in page and "-- data.root=" in page  # the command that wrote it
+
+
+@pytest.mark.slow
+def test_finished_arms_are_reused_and_changed_ones_retrained(tiny_study, tmp_path, monkeypatch, capsys):
+    args, study_runs, _ = tiny_study
+    runs = tmp_path / "runs"  # a copy: the control below deletes the arm's run
+    shutil.copytree(study_runs / "wgan_gp", runs / "wgan_gp")
+    trained = []
+    monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: trained.append(cmd) or 1)
+    cfg = study.StudyConfig(runs=str(runs), minutes=1, arms=ARMS, metric_seconds=0.2, n_samples=64,
+                            eval_samples=64, cpu_threads=1)
+    extra = args[args.index("--") + 1:]
+    assert study.run_arm("wgan_gp", cfg, extra) == runs / "wgan_gp"
+    assert trained == [] and "wgan_gp: finished before, reused" in capsys.readouterr().out
+    # control: another setting is another run, trained again (the stub fails it, so it stops there)
+    with pytest.raises(SystemExit):
+        study.run_arm("wgan_gp", cfg, [*extra, "model.gp_weight=5"])
+    assert len(trained) == 1 and "model.gp_weight=5" in trained[0]
+    assert not (runs / "wgan_gp" / "done.json").exists()  # the other settings' run is not reported as done
+
+
+@pytest.mark.slow
+def test_the_paper_notebook_runs_top_to_bottom_on_the_tiny_study(tiny_study, tmp_path, monkeypatch):
+    import nbclient
+    import nbformat
+
+    _, runs, _ = tiny_study
+    spec = tmp_path / "jupyter" / "kernels" / "wgan-test"  # this interpreter, not a system-wide kernel
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "wgan-test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("WGAN_STUDY_DIR", str(runs))
+    nb = nbformat.read(REPO / "notebooks" / "paper_study.ipynb", as_version=4)
+    for cell in nb.cells:  # the committed outputs are the real study's: these must come from this execution
+        if cell.cell_type == "code":
+            cell.outputs = []
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="wgan-test",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs) + "".join(
+        o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert f"study: {runs}" in text and "6 finished arms" in text
+    assert re.search(r"wgan_gp\s+12\s", text)  # the arm table: generator steps of each arm
+    assert [m for o in outputs for m in o.get("data", {})].count("image/png") == 5
+
+
+def test_spearman_is_rank_correlation():
+    assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert study.spearman([1, 2, 3, 4], [9, 7, 5, 1]) == pytest.approx(-1)
+    assert study.spearman([1, 2, 3, 4], [1, 100, 1000, 10000]) == pytest.approx(1)  # ranks, not values
+    # 1 - 6 * sum(d^2) / (n (n^2 - 1)) with ranks (1,2,3,4,5) vs (2,1,4,3,5): d^2 sums to 4 -> 0.8
+    assert study.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert math.isnan(study.spearman([1, 2], [2, 1]))
+
+
+def test_the_loss_is_averaged_over_the_log_points_since_the_previous_score():
+    curves = {"metrics/fd_classifier": [(0, 0, 300.0), (1, 10, 200.0), (2, 20, 100.0)],
+              "critic/wasserstein": [(0, s, float(s)) for s in range(0, 21, 5)]}
+    steps, losses, fds = study.loss_vs_quality(curves, "critic/wasserstein")
+    assert steps == [10, 20] and fds == [200.0, 100.0]
+    assert losses == [7.5, 17.5]  # (5 + 10) / 2 and (15 + 20) / 2; the step-0 loss belongs to no window
+
+
+def test_the_architecture_verdict_compares_the_worst_arms():
+    cov = dict.fromkeys([f"{loss}_{a}" for loss in ("wgan", "gan") for a in study.ARCHITECTURES], 0.99)
+    fd = {"wgan_dcgan": 100, "wgan_nobn": 120, "wgan_mlp": 150, "gan_dcgan": 80, "gan_nobn": 300, "gan_mlp": 700}
+    text = study.robustness(fd, cov)
+    assert "the worst WGAN arm scored 150.0" in text and "WGAN was the more robust, as the paper says." in text
+    assert "with the DCGAN generator(s)" in text  # where the GAN did better, it says so
+    flipped = {**fd, "wgan_mlp": 900}
+    assert "the claim did not hold." in study.robustness(flipped, cov)
+    assert study.robustness({k: v for k, v in fd.items() if k != "gan_mlp"}, cov) == "not measured (arms missing)."
+
+
+def test_a_rho_without_enough_scores_is_not_called_a_missing_arm():
+    results = {"wgan_dcgan": {}}
+    assert "fewer than 3 scores" in study._rho_verdict(math.nan, False, "wgan_dcgan", results, "yes", "no")
+    assert "gan_dcgan missing" in study._rho_verdict(math.nan, False, "gan_dcgan", results, "yes", "no")
+    assert study._rho_verdict(0.9, True, "wgan_dcgan", results, "yes", "no") == "yes"
+    assert study._rho_verdict(0.1, False, "wgan_dcgan", results, "yes", "no") == "no"
+
+
+def test_bad_study_keys_are_refused_before_training(capsys, tmp_path):
+    code, out, err = call(study.main, [f"runs={tmp_path}", "arms=wgan_dcgan,wgan_huge", "minutes=0"], capsys)
+    assert_one_error(code, out, err, "arms=", "wgan_huge", "minutes=0", one_line=False)
+    assert not list(tmp_path.iterdir())  # nothing was trained or written
