@@ -18,6 +18,8 @@ by the float32 matmul peak timed on the same device in the same process.
     python benchmarks/throughput.py                      # CPU, default Fashion-MNIST settings
     python benchmarks/throughput.py --quick              # smoke test: a few iterations per variant
     python benchmarks/throughput.py --device cuda --image-size 64 --channels 3
+    python benchmarks/throughput.py --probe --features 32 --variants lightning "lightning bf16-mixed" \
+        "lightning NCHW" "lightning compile" "lightning 1 thread"   # the probe's choice vs each fixed setting
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+from wgan_lit import fast_path  # noqa: E402
 from wgan_lit.cli import CONF_DIR  # noqa: E402
 from wgan_lit.config import register_configs, validate  # noqa: E402
 from wgan_lit.data import FashionMNISTDataModule, build_datamodule  # noqa: E402
 from wgan_lit.fashion_mnist import locate_fashion_mnist  # noqa: E402
-from wgan_lit.fast_path import GenIterStamps  # noqa: E402
 from wgan_lit.module import WGAN, critic_loss, generator_loss  # noqa: E402
 from wgan_lit.networks import Critic, Generator  # noqa: E402
 
@@ -62,6 +64,7 @@ CPU_VARIANTS: dict[str, list[str]] = {
     "lightning NCHW": ["model.channels_last=false"],
     "lightning compile": ["model.compile=true"],
     "lightning bf16-mixed": ["trainer.precision=bf16-mixed"],  # oneDNN bf16 kernels on AVX512-BF16/AMX CPUs
+    "lightning 1 thread": ["cpu_threads=1"],
 }
 GPU_VARIANTS: dict[str, list[str]] = {
     **CPU_VARIANTS,
@@ -209,14 +212,34 @@ def lightning_rate(cfg: argparse.Namespace, overrides: list[str], dataset: torch
         datamodule = build_datamodule(tc.data)
     model = WGAN(image_size=tc.data.image_size, channels=datamodule.channels,
                  log_every_n_gen_steps=tc.logger.log_every_n_gen_steps, **dataclasses.asdict(tc.model))
-    timer = GenIterStamps(cfg.warmup, cfg.iters)
+    timer = fast_path.GenIterStamps(cfg.warmup, cfg.iters)
     trainer = L.Trainer(
         **{**tc.trainer, "enable_checkpointing": False, "enable_model_summary": False},
         logger=TensorBoardLogger(save_dir=log_dir, name="tb", version="", default_hp_metric=False),
         callbacks=[timer], default_root_dir=log_dir,
     )
-    trainer.fit(model, datamodule=datamodule)
+    threads = torch.get_num_threads()
+    if tc.cpu_threads > 0:  # as wgan_lit.train sets it; restored for the next variant
+        torch.set_num_threads(tc.cpu_threads)
+    try:
+        trainer.fit(model, datamodule=datamodule)
+    finally:
+        torch.set_num_threads(threads)
     return rate_from(timer.stamps)
+
+
+def probe_choice(cfg: argparse.Namespace, tmp: Path) -> tuple[str, list[str]]:
+    """What ``fast_path.probe=true`` picks for this workload here (a fresh cache), as a named variant."""
+    probe = ["fast_path.probe=true", f"fast_path.cache={tmp / 'fast_path.json'}"]
+    if cfg.quick:
+        probe += ["fast_path.iters=2", "fast_path.rounds=1", "fast_path.compile=false"]
+    tc, _ = compose_config(cfg, probe)
+    chosen = fast_path.resolve(tc, cfg.channels)
+    cand = fast_path.Candidate(chosen.trainer["precision"], chosen.cpu_threads, chosen.model.channels_last,
+                               chosen.model.compile)
+    return f"lightning fast_path choice ({cand.label()})", [
+        f"trainer.precision={cand.precision}", f"cpu_threads={cand.threads}",
+        f"model.channels_last={str(cand.channels_last).lower()}", f"model.compile={str(cand.compile).lower()}"]
 
 
 # ---- FLOPs and the matmul peak --------------------------------------------------------------------------
@@ -272,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers on both sides")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--variants", nargs="*", help="names of Lightning variants to run (default: all)")
+    p.add_argument("--probe", action="store_true",
+                   help="first run fast_path's probe, then time its choice next to the fixed settings")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.iters, args.repeats = 1, 2, 1
@@ -303,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wgan_bench_"))
     try:
         dataset = torchvision_fashion_mnist(tmp / "tv", cfg.image_size, cfg.channels)
+        if cfg.probe:
+            name, overrides = probe_choice(cfg, tmp)
+            print(f"probe: {name.removeprefix('lightning ')}", flush=True)
+            variants = {name: overrides, **variants}
         # Rounds interleave the variants, so load from other processes hits all of them alike. Each round
         # gives a rate from the median iteration time; the median over rounds is reported.
         rates: dict[str, list[float]] = {"plain": [], **{v: [] for v in variants}}
