@@ -182,7 +182,7 @@ def load(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
 # ---- figures and the report ------------------------------------------------------------------------------
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -195,7 +195,7 @@ def _plt() -> Any:
 
 def figure_meaningful_loss(results: dict[str, dict[str, Any]], path: Path) -> dict[str, float]:
     """Loss and fd_classifier against generator steps, WGAN and the standard GAN; their Spearman rho."""
-    plt = _plt()
+    plt = pyplot()
     pairs = [(a, t, lab) for a, t, lab in [("wgan_dcgan", "critic/wasserstein", "W estimate (critic)"),
                                            ("gan_dcgan", "critic/js_estimate", "JS estimate (discriminator)")]
              if a in results]
@@ -221,7 +221,7 @@ def figure_samples(results: dict[str, dict[str, Any]], path: Path) -> None:
     """A 3 x 2 table of sample grids: generator architecture (rows) x loss (columns)."""
     from wgan_lit.generate import batches, latents, load_generator
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(3, 2, figsize=(6, 9))
     for row, arch in enumerate(ARCHITECTURES):
         for col, loss in enumerate(("wgan", "gan")):
@@ -251,7 +251,7 @@ def clip_arms(results: dict[str, dict[str, Any]]) -> dict[float, str]:
 def figure_clip(results: dict[str, dict[str, Any]], path: Path) -> dict[float, float]:
     """W curves (left) and the critic's final weight histograms (right) per clip value; the share of
     critic weights at the bound (|w| >= 0.99 c) per c."""
-    plt = _plt()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     at_bound = {}
     for c, arm in clip_arms(results).items():
@@ -272,7 +272,7 @@ def figure_clip(results: dict[str, dict[str, Any]], path: Path) -> dict[float, f
 
 def figure_over_time(results: dict[str, dict[str, Any]], arms: list[str], path: Path) -> None:
     """fd_classifier against wall-clock minutes of training."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm in arms:
         if arm in results:
