@@ -144,6 +144,31 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             assert ia == ib and all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa)
 
 
+def execute_notebook(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> list:
+    """Run notebooks/<name> top to bottom in this interpreter with ``env`` set; its code cells' outputs.
+    The committed outputs are dropped first: what is checked must come from this execution."""
+    import nbclient
+    import nbformat
+
+    spec = tmp_path / "jupyter" / "kernels" / "wgan-test"  # this interpreter, not a system-wide "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "wgan-test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="wgan-test",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
 def probe_reports(run_dir: Path, rank: int) -> list[dict]:
     """The ddp_probe.py reports of one rank of a run, in the order its parts ran (a resumed run has several)."""
     paths = sorted((run_dir / "probe").glob(f"rank{rank}-from*.json"), key=lambda p: int(p.stem.split("from")[1]))

@@ -7,12 +7,11 @@ import json
 import math
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, assert_one_error, call, tiny_classifier, write_fake_fashion_mnist
+from tests.conftest import assert_one_error, call, execute_notebook, tiny_classifier, write_fake_fashion_mnist
 from wgan_lit import classifier as clf
 from wgan_lit import study
 from wgan_lit.evaluate import EvaluateConfig, evaluate
@@ -96,25 +95,8 @@ def test_finished_arms_are_reused_and_changed_ones_retrained(tiny_study, tmp_pat
 
 @pytest.mark.slow
 def test_the_paper_notebook_runs_top_to_bottom_on_the_tiny_study(tiny_study, tmp_path, monkeypatch):
-    import nbclient
-    import nbformat
-
     _, runs, _ = tiny_study
-    spec = tmp_path / "jupyter" / "kernels" / "wgan-test"  # this interpreter, not a system-wide kernel
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "wgan-test", "language": "python"}))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("WGAN_STUDY_DIR", str(runs))
-    nb = nbformat.read(REPO / "notebooks" / "paper_study.ipynb", as_version=4)
-    for cell in nb.cells:  # the committed outputs are the real study's: these must come from this execution
-        if cell.cell_type == "code":
-            cell.outputs = []
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="wgan-test",
-                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    outputs = execute_notebook("paper_study.ipynb", tmp_path, monkeypatch, WGAN_STUDY_DIR=str(runs))
     text = "".join(o.get("text", "") for o in outputs) + "".join(
         o.get("data", {}).get("text/plain", "") for o in outputs)
     assert f"study: {runs}" in text and "6 finished arms" in text
