@@ -49,8 +49,7 @@ if __name__ == "__main__":
         WGAN(n_critic=2, log_every_n_gen_steps=100, **TINY), datamodule=RandomImages(n=400, batch_size=8)
     )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("metrics/")}
-    print(
-        "RESULT "
-        + json.dumps({"rank": trainer.global_rank, "built": quality.scorer is not None, "metrics": metrics}),
-        flush=True,
-    )
+    # one write with its newline: print() may write the line and "\n" apart, and the two ranks share stdout
+    sys.stdout.write("RESULT " + json.dumps(
+        {"rank": trainer.global_rank, "built": quality.scorer is not None, "metrics": metrics}) + "\n")
+    sys.stdout.flush()
