@@ -97,6 +97,18 @@ def test_evaluate_json_is_deterministic_and_follows_the_seed(run_with_checkpoint
     assert other["seed"] == 1 and other["metrics"] != first["metrics"]
 
 
+def test_image_size_scores_on_another_ruler_and_the_model_s_own_size_changes_nothing(run_with_checkpoint, capsys):
+    def run(*extra: str) -> dict:
+        code, out, err = call(evaluate.main, [*eval_args(run_with_checkpoint), "json=true", *extra], capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    own, same, other = run(), run("image_size=28"), run("image_size=32")
+    assert own["image_size"] == same["image_size"] == 28 and other["image_size"] == 32
+    assert same["metrics"] == own["metrics"]  # the model's size: nothing is resized
+    assert other["metrics"] != own["metrics"]  # samples and real images both resized to 32 first
+
+
 def test_evaluate_reads_the_data_section_of_the_run(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     (tmp_path / "run" / ".hydra").mkdir(parents=True)
@@ -145,6 +157,8 @@ def test_evaluate_finds_the_data_through_the_run_config(run_with_checkpoint, tmp
         pytest.param(["batch_size=0"], ["batch_size=7"], ["batch_size=0: expected an integer >= 1"],
                      id="bad-value-batch-size"),
         pytest.param(["device=tpu"], ["device=cpu"], ["device='tpu'"], id="bad-value-device"),
+        pytest.param(["image_size=30"], ["image_size=0"], ["image_size=30: expected 0 (the model's) or one of"],
+                     id="bad-value-image-size"),
     ],
 )
 def test_bad_value_is_one_error_line_and_the_right_one_works(run_with_checkpoint, capsys, bad, good, fragments):

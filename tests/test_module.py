@@ -267,18 +267,6 @@ def test_fast_path_data_module_still_used_by_train_with_the_switch(tmp_path):
     assert isinstance(dm, FashionMNISTDataModule) and dm.cfg.device_resident
 
 
-def test_cpu_15min_preset_stops_lightning_after_15_minutes_of_training():
-    from lightning.pytorch.callbacks import Timer
-
-    cfg = validate(compose_train(["experiment=fashion_cpu_15min"]))
-    # time alone bounds it: no epoch or generator-step limit cuts the 15 minutes short
-    assert cfg.trainer["max_time"] == "00:00:15:00" and cfg.trainer["max_epochs"] == -1 and cfg.max_gen_steps == -1
-    trainer = L.Trainer(**{**cfg.trainer, "accelerator": "cpu", "devices": 1},
-                        logger=False, enable_checkpointing=False)
-    (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
-    assert timer._duration == 15 * 60
-
-
 def test_every_rank_decides_on_a_divergence_with_the_others():
     """A rank whose own losses are finite still stops when another rank saw a NaN (the reduce over ranks)."""
     model = WGAN(**TINY)

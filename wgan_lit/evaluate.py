@@ -28,7 +28,16 @@ from omegaconf import MISSING, OmegaConf
 from wgan_lit import cli
 from wgan_lit.checkpointing import CheckpointError
 from wgan_lit.classifier import CLASSES, ClassifierError
-from wgan_lit.config import SAMPLE_METRICS, ConfigError, DataConfig, DataError, MetricsConfig, metrics_rules
+from wgan_lit.config import (
+    IMAGE_SIZES,
+    SAMPLE_METRICS,
+    ConfigError,
+    DataConfig,
+    DataError,
+    MetricsConfig,
+    metrics_rules,
+)
+from wgan_lit.data import resize_uint8
 from wgan_lit.generate import device_problem, latents, load_generator
 from wgan_lit.metrics import build_sample_quality, find_inception_weights, to_uint8
 
@@ -42,6 +51,9 @@ class EvaluateConfig:
     data_root: str = ""  # "" = the run's data.root (or "data"); the system Fashion-MNIST is found either way
     device: str = "auto"  # auto (cuda when one is visible, else cpu), cpu or cuda
     batch_size: int = 500  # images generated at a time
+    # 0 = the model's; else samples and real images are resized to this size first: one ruler for models of
+    # different sizes (real images resized 28 -> 32 -> 28 are themselves ~25 fd_classifier from the originals)
+    image_size: int = 0
     json: bool = False  # print one JSON object instead of the table
 
 
@@ -54,6 +66,8 @@ def check(cfg: EvaluateConfig) -> list[str]:
     rules = [
         *metrics_rules(cfg.metrics),
         ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
+        ("image_size", cfg.image_size, cfg.image_size == 0 or cfg.image_size in IMAGE_SIZES,
+         f"0 (the model's) or one of {IMAGE_SIZES}"),
     ]
     bad = [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in rules if not ok]
     if problem := device_problem(cfg.device):
@@ -82,7 +96,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     model = load_generator(path, cfg.device)  # CheckpointError names the file and what is wrong with it
     device = model.device
     data = run_data_config(path, cfg.data_root)
-    data.image_size = model.hparams.image_size
+    data.image_size = cfg.image_size or model.hparams.image_size
     datamodule = None
     if data.name != "fashion_mnist":  # other data sets score against their own training images
         from wgan_lit.data import DATA_MODULES, build_datamodule
@@ -104,6 +118,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "checkpoint": str(path),
         "gen_step": model.gen_step,
         "n_samples": mc.n_samples,
+        "image_size": data.image_size,
         "seed": mc.seed,
         "data": data.name,
         "n_real": 0,
@@ -119,7 +134,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     def score(ema: bool) -> dict[str, float]:
         fake = torch.cat([to_uint8(model.generate(z[i : i + cfg.batch_size], ema=ema))
                           for i in range(0, len(z), cfg.batch_size)])
-        return scorer.score(fake)
+        return scorer.score(resize_uint8(fake, data.image_size))  # as the real images (no-op at the model's size)
 
     if model.generator_ema is not None:  # first, so class_fractions below are the averaged generator's
         result["metrics_raw"] = score(ema=False)
@@ -153,6 +168,7 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"{result['checkpoint']} (generator step {result['gen_step']}): {result['n_samples']} samples, "
         f"seed {result['seed']}, vs {result['n_real']} real {result['data']} {result['real_split']} images"
+        f" at {result['image_size']} x {result['image_size']}"
         + (", averaged generator (EMA)" if raw is not None else "")
     )
     return head + "\n" + "\n".join(lines)
