@@ -24,10 +24,10 @@ AT_MINUTES = (1, 2, 5, 10, 15)
 
 
 def at(minutes: list[float], values: list[float], t: float) -> float | None:
-    """The last score at or before ``t`` minutes; None before the first or after the run ended."""
+    """The score nearest to ``t`` minutes (scores come about once a minute); None after the run ended."""
     if not minutes or t > minutes[-1] + 0.5:
         return None
-    return [v for m, v in zip(minutes, values, strict=True) if m <= t][-1]
+    return min(zip(minutes, values, strict=True), key=lambda mv: abs(mv[0] - t))[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    print(f"{'run':<16} {'scores':>6} " + " ".join(f"{f'{t} min':>8}" for t in AT_MINUTES)
+    width = max(len("run"), *(len(label) for label, _ in args.runs))
+    print(f"{'run':<{width}} {'scores':>6} " + " ".join(f"{f'{t} min':>8}" for t in AT_MINUTES)
           + f" {'final':>8} {'minutes':>8} {'steps':>7}")
     for i, (label, run_dir) in enumerate(args.runs):
         curves = scalars(run_dir)
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if raw:
             ax.plot(raw_minutes, raw, color=color, linestyle="--", linewidth=0.8, label=f"{label} (without EMA)")
         cells = [at(minutes, fds, t) for t in AT_MINUTES]
-        print(f"{label:<16} {len(fds):>6} " + " ".join(f"{c:>8.1f}" if c is not None else f"{'':>8}" for c in cells)
-              + f" {fds[-1]:>8.1f} {minutes[-1]:>8.1f} {curves[TAG][-1][1]:>7}")
+        cols = " ".join(f"{c:>8.1f}" if c is not None else f"{'':>8}" for c in cells)
+        print(f"{label:<{width}} {len(fds):>6} {cols} {fds[-1]:>8.1f} {minutes[-1]:>8.1f} {curves[TAG][-1][1]:>7}")
     ax.set(xlabel="wall-clock minutes of training", ylabel="fd_classifier (lower is better)", yscale="log",
            title=args.title)
     ax.grid(True, which="both", alpha=0.3)

@@ -191,7 +191,7 @@ def apply(cfg: TrainConfig, cand: Candidate) -> TrainConfig:
 
 def table(seconds: dict[Candidate, float], choice: Candidate) -> str:
     base = seconds.get(BASELINE)
-    rows = [f"  {c.label():<42} {1 / s:8.2f} gen it/s" + (f"  {base / s:5.2f}x float32" if base else "")
+    rows = [f"  {c.label():<50} {1 / s:8.2f} gen it/s" + (f"  {base / s:5.2f}x float32" if base else "")
             + ("  <- chosen" if c == choice else "") for c, s in sorted(seconds.items(), key=lambda x: x[1])]
     return "\n".join(rows)
 
