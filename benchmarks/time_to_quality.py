@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="time_to_quality.png", help="the PNG to write")
     p.add_argument("--title", default="", help="the figure's title (e.g. the CPU)")
     args = p.parse_args(argv)
-    pairs = [r.partition("=") for r in args.runs]
+    pairs = [r.rpartition("=") for r in args.runs]  # at the last "=": labels may hold "n_critic=1"
     bad = [r for r, (label, eq, d) in zip(args.runs, pairs, strict=True)
            if not eq or not label or not (Path(d) / "tensorboard").is_dir()]
     if bad:
