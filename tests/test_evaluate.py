@@ -97,7 +97,15 @@ def test_evaluate_json_is_deterministic_and_follows_the_seed(run_with_checkpoint
     assert other["seed"] == 1 and other["metrics"] != first["metrics"]
 
 
-def test_image_size_scores_on_another_ruler_and_the_model_s_own_size_changes_nothing(run_with_checkpoint, capsys):
+def test_image_size_scores_on_another_ruler_and_the_model_s_own_size_changes_nothing(run_with_checkpoint, capsys,
+                                                                                    monkeypatch):
+    from wgan_lit import metrics
+
+    sizes = []  # the size of the generated images each score sees
+    score = metrics.SampleQuality.score
+    monkeypatch.setattr(metrics.SampleQuality, "score",
+                        lambda self, fake: sizes.append(fake.shape[-1]) or score(self, fake))
+
     def run(*extra: str) -> dict:
         code, out, err = call(evaluate.main, [*eval_args(run_with_checkpoint), "json=true", *extra], capsys)
         assert code == 0, err
@@ -107,6 +115,7 @@ def test_image_size_scores_on_another_ruler_and_the_model_s_own_size_changes_not
     assert own["image_size"] == same["image_size"] == 28 and other["image_size"] == 32
     assert same["metrics"] == own["metrics"]  # the model's size: nothing is resized
     assert other["metrics"] != own["metrics"]  # samples and real images both resized to 32 first
+    assert sizes == [28, 28, 32]
 
 
 def test_evaluate_reads_the_data_section_of_the_run(tmp_path):
