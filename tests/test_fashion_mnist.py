@@ -142,15 +142,22 @@ def test_missing_data_lists_the_paths_tried_and_three_ways_to_get_it(tmp_path, m
         assert expected in msg
 
 
-def test_failed_download_is_reported_with_its_cause(tmp_path, monkeypatch):
+def test_a_failed_download_gives_its_cause_and_does_not_advise_the_download(tmp_path, monkeypatch):
     import torchvision.datasets
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network here")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(DataError, match="download .* failed: ConnectionError: no network here"):
+    with pytest.raises(DataError) as err:
         locate_fashion_mnist(tmp_path, download=True)
+    msg = str(err.value)
+    assert "The download failed: ConnectionError: no network here" in msg
+    assert "data.download=true" not in msg  # it was given: adding it is no way forward
+    assert "apt-get install dataset-fashion-mnist" in msg and "data.root=FOLDER" in msg  # the other ways remain
+    with pytest.raises(DataError) as err:  # control: without the download, it is the first way to get it
+        locate_fashion_mnist(tmp_path, download=False)
+    assert "1. add data.download=true" in str(err.value) and "download failed" not in str(err.value)
 
 
 def test_download_is_not_attempted_when_the_files_are_there(tmp_path, monkeypatch):

@@ -77,17 +77,21 @@ def locate_fashion_mnist(root: str | Path, split: str = "train", download: bool 
             FashionMNIST(str(root), train=split == "train", download=True)
             found = [_find(n, dirs) for n in names]
         except Exception as err:  # network errors come in many types; report whichever it was
-            download_error = f"\nThe download (data.download=true) failed: {type(err).__name__}: {err}"
+            download_error = f"\nThe download failed: {type(err).__name__}: {err}"
     if None in found:
         missing = names[found.index(None)]
         tried = "\n".join(f"  {d}" for d in dirs)
+        ways = [
+            "sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu, into /usr/share/datasets/fashion-mnist)",
+            "put the four IDX files from github.com/zalandoresearch/fashion-mnist in a folder and pass "
+            "data.root=FOLDER",
+        ]
+        if not download:  # with download=true it was tried: the reason above is what to fix
+            ways.insert(0, "add data.download=true (torchvision fetches it into <data.root>/FashionMNIST/raw)")
+        listed = "\n".join(f"  {i}. {way}" for i, way in enumerate(ways, 1))
         raise DataError(
             f"Fashion-MNIST not found: no {missing}[.gz] in any of\n{tried}{download_error}\n"
-            "Get it one of three ways:\n"
-            "  1. add data.download=true (torchvision fetches it into <data.root>/FashionMNIST/raw)\n"
-            "  2. sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu, into /usr/share/datasets/fashion-mnist)\n"
-            "  3. put the four IDX files from github.com/zalandoresearch/fashion-mnist in a folder and pass "
-            "data.root=FOLDER"
+            f"Get it one of these ways:\n{listed}"
         )
     return found[0], found[1]  # type: ignore[return-value]
 
