@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
 
+import numpy as np
 import pytest
+import torch
+from torch._inductor.exc import InductorError, InvalidCxxCompiler
 
 from tests.conftest import compose_train
 from wgan_lit import fast_path
@@ -77,6 +82,89 @@ def test_resolve_applies_the_choice_caches_it_per_machine_and_workload_and_reuse
                                     "model.d_features=64"]))
     fast_path.resolve(wider, channels=1, time_one=time_one)
     assert len(calls) == 2 * n_timed  # another workload is timed anew
+
+
+def no_compiler(seconds: dict[Candidate, float]):
+    """``fake`` where every compile candidate raises what torch.compile raises without a C++ compiler."""
+    time_one, calls = fake(seconds)
+
+    def timing(c: Candidate) -> float:
+        if c.compile:
+            calls.append(c)
+            raise InductorError(InvalidCxxCompiler(), None)
+        return time_one(c)
+
+    return timing, calls
+
+
+def test_without_a_cxx_compiler_compile_is_skipped_with_one_line_and_the_fastest_uncompiled_candidate_trains(
+        tmp_path, caplog):
+    cfg = validate(compose_train(["experiment=fashion_cpu_15min", f"fast_path.cache={tmp_path / 'fp.json'}"]))
+    time_one, calls = no_compiler({BF16: 0.5})
+    with caplog.at_level(logging.INFO, logger="wgan_lit.fast_path"):
+        out = fast_path.resolve(cfg, channels=1, time_one=time_one)
+    assert calls[-1].compile and (out.trainer["precision"], out.model.compile) == ("bf16-mixed", False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [f"fast path: torch.compile skipped: InductorError: InvalidCxxCompiler: No working C++ "
+                      f"compiler found in torch._inductor.config.cpp.cxx: {torch._inductor.config.cpp.cxx}"]
+
+
+def test_a_candidate_that_fails_is_dropped_and_not_timed_again_but_float32_failing_is_an_error(caplog):
+    def time_one(c: Candidate) -> float:
+        calls.append(c)
+        if c in (BF16, BASELINE if baseline_fails else BF16):
+            raise RuntimeError("bf16 is not supported here\nsecond line")
+        return 0.5 if c == ONE_THREAD else 1.0
+
+    calls: list[Candidate] = []
+    baseline_fails = False
+    choice, seconds = probe(time_one, [BASELINE, BF16, ONE_THREAD], rounds=2, try_compile=False)
+    assert choice == ONE_THREAD and BF16 not in seconds and calls.count(BF16) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "fast path: bf16-mixed, all threads, channels_last dropped: RuntimeError: bf16 is not supported here"]
+    baseline_fails = True
+    with pytest.raises(RuntimeError, match="not supported"):
+        probe(time_one, [BASELINE, BF16], rounds=1, try_compile=False)
+
+
+def test_a_cached_compiled_choice_is_used_without_compile_when_fast_path_compile_is_false(tmp_path):
+    cache = tmp_path / "fast_path.json"
+    overrides = ["experiment=fashion_cpu_15min", f"fast_path.cache={cache}"]
+    time_one, calls = fake({BF16: 0.5, Candidate("bf16-mixed", compile=True): 0.3})
+    assert fast_path.resolve(validate(compose_train(overrides)), channels=1, time_one=time_one).model.compile
+    n_timed = len(calls)
+    off = fast_path.resolve(validate(compose_train([*overrides, "fast_path.compile=false"])), 1, time_one)
+    assert (off.trainer["precision"], off.model.compile) == ("bf16-mixed", False) and len(calls) == n_timed
+    on = fast_path.resolve(validate(compose_train(overrides)), 1, time_one)  # control: the entry still holds it
+    assert on.model.compile and len(calls) == n_timed
+
+
+def test_a_choice_cached_with_compile_off_is_timed_again_with_compile_on(tmp_path):
+    cache = tmp_path / "fast_path.json"
+    overrides = ["experiment=fashion_cpu_15min", f"fast_path.cache={cache}"]
+    time_one, calls = fake({BF16: 0.5, Candidate("bf16-mixed", compile=True): 0.3})
+    assert not fast_path.resolve(validate(compose_train([*overrides, "fast_path.compile=false"])), 1,
+                                 time_one).model.compile
+    assert not calls[-1].compile
+    assert fast_path.resolve(validate(compose_train(overrides)), 1, time_one).model.compile and calls[-1].compile
+
+
+def test_timing_a_candidate_leaves_every_rng_as_it_found_it(monkeypatch):
+    cfg = validate(compose_train(["experiment=fashion_cpu_15min", "model.g_features=8", "model.d_features=8",
+                                  "model.latent_dim=16", "model.n_fixed_samples=4", "data.batch_size=8"]))
+    seeded: list[int] = []
+    for name in ("manual_seed", "manual_seed_all"):  # where a global seed reaches CUDA's RNG
+        original = getattr(torch.cuda, name)
+        monkeypatch.setattr(torch.cuda, name, lambda seed, f=original: (seeded.append(seed), f(seed))[1])
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    seeded.clear()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    assert fast_path.time_candidate(cfg, 1, BASELINE, iters=2, warmup=1) > 0
+    assert seeded == []  # on a CPU-only machine the only sign that CUDA's RNG would be reset
+    assert all(torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all() if cuda else [], strict=True))
+    assert torch.equal(states[0], torch.random.get_rng_state()) and states[1] == random.getstate()
+    assert (states[2] == np.random.get_state()[1]).all()
 
 
 def test_without_the_probe_the_config_is_left_as_it_is():

@@ -10,8 +10,9 @@ networks on random images for each candidate, through the same Lightning Trainer
 * ``model.compile``: tried last, on the fastest of the above (compiling takes a minute, once per machine).
 
 Float32 with the defaults is the baseline; another candidate must beat it by ``MARGIN`` to be chosen, so the
-choice is never slower than float32 by more than the timing noise. The result is printed and cached per
-machine and workload (``fast_path.cache``), so later runs start at once.
+choice is never slower than float32 by more than the timing noise. A candidate that fails (bf16 where it is
+unsupported, compile without a C++ compiler) is dropped with one log line; float32 failing is an error. The
+result is printed and cached per machine and workload (``fast_path.cache``), so later runs start at once.
 """
 
 from __future__ import annotations
@@ -80,16 +81,31 @@ def probe(time_one: Callable[[Candidate], float], cands: list[Candidate], rounds
     then, with ``try_compile``, the fastest once more with torch.compile. Returns (choice, seconds)."""
     times: dict[Candidate, list[float]] = {c: [] for c in cands}
     for _ in range(rounds):
-        for c in cands:
-            times[c].append(time_one(c))
+        for c in list(times):
+            if (t := timed(time_one, c)) is None:
+                del times[c]  # not retried in later rounds
+            else:
+                times[c].append(t)
     seconds = {c: statistics.median(v) for c, v in times.items()}
     choice = choose(seconds)
-    if try_compile:
-        compiled = dataclasses.replace(choice, compile=True)
-        seconds[compiled] = time_one(compiled)
-        if seconds[compiled] < (1 - MARGIN) * seconds[choice]:
+    compiled = dataclasses.replace(choice, compile=True)
+    if try_compile and (t := timed(time_one, compiled)) is not None:
+        seconds[compiled] = t
+        if t < (1 - MARGIN) * seconds[choice]:
             choice = compiled
     return choice, seconds
+
+
+def timed(time_one: Callable[[Candidate], float], cand: Candidate) -> float | None:
+    """``time_one(cand)``, or None with one log line where it raises; float32 with the defaults must work."""
+    try:
+        return time_one(cand)
+    except Exception as e:
+        if cand == BASELINE:
+            raise
+        what = "torch.compile skipped" if cand.compile else f"{cand.label()} dropped"
+        log.warning("fast path: %s: %s: %s", what, type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+        return None
 
 
 # ---- timing one candidate with the run's own Trainer ---------------------------------------------------
@@ -119,16 +135,16 @@ def time_candidate(cfg: TrainConfig, channels: int, cand: Candidate, iters: int,
     hp = {**dataclasses.asdict(cfg.model), "channels_last": cand.channels_last, "compile": cand.compile,
           "paper_critic_schedule": False}  # its 100-step critic phases would swamp the timings
     size, batch = cfg.data.image_size, cfg.data.batch_size
-    images = InMemoryImages(torch.rand(4 * batch, channels, size, size) * 2 - 1)
-    loader = DataLoader(images, batch_size=batch, drop_last=True, collate_fn=pass_through,
-                        sampler=RandomSampler(images, replacement=True, num_samples=10**9))
     before = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    # The images, weights and noise draw from torch's RNGs: all are restored after it, CUDA's too.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        images = InMemoryImages(torch.rand(4 * batch, channels, size, size) * 2 - 1)
+        loader = DataLoader(images, batch_size=batch, drop_last=True, collate_fn=pass_through,
+                            sampler=RandomSampler(images, replacement=True, num_samples=10**9))
         if cand.threads:
             torch.set_num_threads(cand.threads)
         try:
-            torch.manual_seed(0)
             stamps = GenIterStamps(warmup + (3 if cand.compile else 0), iters)  # compiling happens in the warm-up
             trainer = L.Trainer(
                 accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, precision=cand.precision,
@@ -207,8 +223,10 @@ def resolve(cfg: TrainConfig, channels: int,
     path = cache_path(fp.cache)
     cache = _read(path)
     entry = cache.get(machine, {}).get(work)
-    if entry is not None:
-        choice = Candidate(**entry["choice"])
+    # compile was timed on the fastest uncompiled candidate, so without it that one is the choice; an entry
+    # made with fast_path.compile=false does not say whether compile would win: timed again with it on.
+    if entry is not None and (entry.get("compile_tried") or not fp.compile):
+        choice = Candidate(**{**entry["choice"], "compile": entry["choice"]["compile"] and fp.compile})
         log.info("fast path (cached in %s for %s): %s", path, machine, choice.label())
         return apply(cfg, choice)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
@@ -224,7 +242,7 @@ def resolve(cfg: TrainConfig, channels: int,
     finally:
         quiet.setLevel(level)
     log.info("fast path for %s:\n%s", machine, table(seconds, choice))
-    cache.setdefault(machine, {})[work] = {"choice": dataclasses.asdict(choice),
+    cache.setdefault(machine, {})[work] = {"choice": dataclasses.asdict(choice), "compile_tried": fp.compile,
                                            "gen_it_per_s": {c.label(): 1 / s for c, s in seconds.items()}}
     _write(path, cache)
     return apply(cfg, choice)
