@@ -191,6 +191,24 @@ def test_missing_checkpoint_key_is_one_error_line(run_with_checkpoint, capsys):
     assert call(evaluate.main, eval_args(run_with_checkpoint), capsys)[0] == 0
 
 
+def test_the_checkpoint_alone_is_checkpoint_path(run_with_checkpoint, capsys):
+    args = [a for a in eval_args(run_with_checkpoint) if not a.startswith("checkpoint=")]
+    code, alone, err = call(evaluate.main, [str(run_with_checkpoint[0]), *args, "json=true"], capsys)
+    assert code == 0, err
+    assert json.loads(alone) == json.loads(call(evaluate.main, [*eval_args(run_with_checkpoint), "json=true"],
+                                                capsys)[1])
+
+
+def test_a_bad_bare_argument_is_one_error_line_with_the_checkpoint_command(run_with_checkpoint, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in eval_args(run_with_checkpoint) if not a.startswith("checkpoint=")]
+    assert_one_error(*call(evaluate.main, ["foo.ckpt", *args], capsys),
+                     "'foo.ckpt': expected key=value", "python -m wgan_lit.evaluate checkpoint=foo.ckpt")
+    assert_one_error(*call(evaluate.main, [str(run_with_checkpoint[0]), "foo.ckpt", *args], capsys),
+                     "python -m wgan_lit.evaluate checkpoint=foo.ckpt")  # a second, mistyped path
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
 def test_device_cuda_without_a_gpu_names_device_cpu(run_with_checkpoint, capsys):
     assert_one_error(*call(evaluate.main, [*eval_args(run_with_checkpoint), "device=cuda"], capsys), "device=cpu")

@@ -181,7 +181,23 @@ def test_missing_checkpoint_key_is_one_error_line(ckpt, tmp_path, monkeypatch, c
 
 def test_the_old_option_spelling_is_refused_in_one_line(ckpt, capsys):
     assert_one_error(*call(main, [f"checkpoint={ckpt}", "--output", "x.png"], capsys))
-    assert_one_error(*call(main, [str(ckpt)], capsys))  # a bare path: not key=value
+
+
+def test_the_checkpoint_alone_is_checkpoint_path(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert call(main, [str(ckpt), "n=5", "output=alone.npz"], capsys)[0] == 0
+    assert call(main, [f"checkpoint={ckpt}", "n=5", "output=key.npz"], capsys)[0] == 0
+    assert np.array_equal(np.load("alone.npz")["samples"], np.load("key.npz")["samples"])
+
+
+@pytest.mark.parametrize("extra", [["foo.ckpt"], ["CKPT", "foo.ckpt"]], ids=["no-such-path", "second-path"])
+def test_a_bad_bare_argument_is_one_error_line_with_the_checkpoint_command(ckpt, tmp_path, monkeypatch, capsys,
+                                                                          extra):
+    monkeypatch.chdir(tmp_path)
+    args = [str(ckpt) if a == "CKPT" else a for a in extra]
+    assert_one_error(*call(main, [*args, "n=4"], capsys),
+                     "'foo.ckpt': expected key=value", "python -m wgan_lit.generate checkpoint=foo.ckpt")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")

@@ -118,10 +118,21 @@ def test_bad_value_is_one_error_line_and_the_right_one_works(run, tmp_path, monk
 def test_missing_run_dir_key_and_the_old_spelling_are_one_error_line(run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert_one_error(*call(main, ["output=out.gif"], capsys), "run_dir", "write run_dir=VALUE")
-    assert_one_error(*call(main, [str(run)], capsys))  # a bare path: not key=value
     assert_one_error(*call(main, [f"run_dir={run}", "--no-tensorboard"], capsys))
+    assert_one_error(*call(main, ["nowhere", "output=out.gif"], capsys), "'nowhere': expected key=value",
+                     "python -m wgan_lit.timelapse run_dir=nowhere")
+    assert_one_error(*call(main, [str(run), str(run), "output=out.gif"], capsys),
+                     f"python -m wgan_lit.timelapse run_dir={run}")  # a second path
     assert list(tmp_path.iterdir()) == []
     assert call(main, [f"run_dir={run}", "output=out.gif", "tensorboard=false"], capsys)[0] == 0
+
+
+def test_the_run_directory_alone_is_run_dir_path(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call(main, [str(run), "output=alone.gif", "tensorboard=false"], capsys)
+    assert code == 0 and "Wrote alone.gif" in out, err
+    assert call(main, [f"run_dir={run}", "output=key.gif", "tensorboard=false"], capsys)[0] == 0
+    assert (tmp_path / "alone.gif").read_bytes() == (tmp_path / "key.gif").read_bytes()
 
 
 def test_a_run_without_grids_or_an_unwritable_output_is_one_error_line(run, tmp_path, capsys):

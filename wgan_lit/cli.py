@@ -2,7 +2,8 @@
 
 ``train`` is a Hydra app; ``generate``, ``evaluate`` and ``timelapse`` compose their dataclass schema through
 the same Hydra API, so all four accept the same overrides, list their keys with ``--help``, and report any bad
-input as one ``Error: ...`` line with exit code 2 before they start work or write a file.
+input as one ``Error: ...`` line with exit code 2 before they start work or write a file. A command that reads one
+path (a checkpoint, a run directory) also takes that path alone, for its ``key=PATH``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import shlex
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -81,16 +83,27 @@ def check_train_command_line(argv: Sequence[str], check: Callable[[DictConfig], 
 
 
 def parse(schema: type[T], argv: Sequence[str], prog: str, doc: str,
-          check: Callable[[T], list[str]] = lambda _: []) -> T:
-    """``argv`` (``key=value`` overrides) over the dataclass ``schema``; ``--help`` prints ``doc`` and the keys."""
+          check: Callable[[T], list[str]] = lambda _: [], path_key: tuple[str, str] | None = None) -> T:
+    """``argv`` (``key=value`` overrides) over the dataclass ``schema``; ``--help`` prints ``doc`` and the keys.
+
+    ``path_key`` is (key, what it names), e.g. ("checkpoint", "a checkpoint"): then one bare argument that is an
+    existing path stands for ``key=PATH``."""
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
         keys = "\n".join(help_lines(schema, OmegaConf.structured(schema)))
-        print(f"usage: python -m {prog} key=value [key=value ...]\n\n{doc.strip()}\n\nKeys (=default):\n{keys}")
+        usage = f"usage: python -m {prog} key=value [key=value ...]"
+        if path_key:
+            usage += f"\n       python -m {prog} PATH [key=value ...]   (PATH alone = {path_key[0]}=PATH)"
+        print(f"{usage}\n\n{doc.strip()}\n\nKeys (=default):\n{keys}")
         sys.exit(0)
+    path = None
+    if path_key:
+        argv, path = take_path(schema, argv, prog, *path_key)
     name = f"{prog.rsplit('.', 1)[-1]}_schema"
     ConfigStore.instance().store(name=name, node=schema)
     cfg = compose_or_exit(name, argv)
+    if path is not None:  # set, not overridden: Hydra's grammar would read commas, brackets or quotes in it
+        cfg[path_key[0]] = path
     unknown = unknown_keys(schema, cfg)
     if unknown:  # "+key=value" adds a key Hydra does not check against the schema
         fail(f"{unknown[0]}: not a key of this command (--help lists the keys)")
@@ -104,6 +117,22 @@ def parse(schema: type[T], argv: Sequence[str], prog: str, doc: str,
     if bad:
         fail("\n".join(bad))
     return obj
+
+
+def take_path(schema: type, argv: list[str], prog: str, key: str, what: str) -> tuple[list[str], str | None]:
+    """``argv`` without its one bare argument when that is an existing path and ``key=`` is not given, and that
+    path; any other bare argument fails in one line that shows the ``key=value`` to write."""
+    bare = [a for a in argv if "=" not in a and not a.startswith(("-", "+", "~"))]  # options: Hydra's message
+    if not bare:
+        return argv, None
+    given = any(a.split("=", 1)[0].lstrip("+~") == key for a in argv if "=" in a)
+    if len(bare) == 1 and not given and Path(bare[0]).exists():
+        return [a for a in argv if a != bare[0]], bare[0]
+    bad = next((a for a in bare if not Path(a).exists()), bare[-1])
+    if not Path(bad).exists() and bad.split(".", 1)[0] in typing.get_type_hints(schema):
+        fail(f"{bad!r}: expected key=value: write {bad}=VALUE (--help lists the keys)")  # a key without its value
+    reason = "" if Path(bad).exists() else ", and no such path exists"
+    fail(f"{bad!r}: expected key=value{reason}; to read {what} write: python -m {prog} {shlex.quote(f'{key}={bad}')}")
 
 
 def unknown_keys(schema: type, node: DictConfig, prefix: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""Score a checkpoint: ``python -m wgan_lit.evaluate checkpoint=PATH [key=value ...]``.
+"""Score a checkpoint: ``python -m wgan_lit.evaluate [checkpoint=]PATH [key=value ...]``.
 
 Examples::
 
@@ -176,7 +176,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(EvaluateConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.evaluate",
-                    doc=__doc__, check=check)
+                    doc=__doc__, check=check, path_key=("checkpoint", "a checkpoint"))
     try:
         result = evaluate(cfg)
     except (CheckpointError, EvaluateError, ConfigError, DataError, ClassifierError) as err:

@@ -1,4 +1,4 @@
-"""Sample a trained generator: ``python -m wgan_lit.generate checkpoint=PATH [key=value ...]``.
+"""Sample a trained generator: ``python -m wgan_lit.generate [checkpoint=]PATH [key=value ...]``.
 
 Examples::
 
@@ -236,7 +236,7 @@ def check(cfg: GenerateConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(GenerateConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.generate",
-                    doc=__doc__, check=check)
+                    doc=__doc__, check=check, path_key=("checkpoint", "a checkpoint"))
     try:
         if cfg.interpolate:
             seed_a, seed_b = cfg.interpolate

@@ -6,7 +6,7 @@ TensorBoard log (tag ``timelapse``, Images tab; TensorBoard animates GIFs, so no
 
 At the end of every run by default (``logger.timelapse=true``), or over an existing run directory::
 
-    python -m wgan_lit.timelapse run_dir=outputs/2026-01-01/12-00-00-000000 [fps=8] [output=x.gif]
+    python -m wgan_lit.timelapse [run_dir=]outputs/2026-01-01/12-00-00-000000 [fps=8] [output=x.gif]
 
 ``tensorboard=false`` leaves the run's TensorBoard log as it is.
 """
@@ -131,7 +131,7 @@ def check(cfg: TimelapseConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(TimelapseConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.timelapse",
-                    doc=__doc__, check=check)
+                    doc=__doc__, check=check, path_key=("run_dir", "a run directory"))
     try:
         out = make_timelapse(cfg.run_dir, cfg.output or None, fps=cfg.fps, tensorboard=cfg.tensorboard)
     except TimelapseError as err:
