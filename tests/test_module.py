@@ -381,3 +381,37 @@ def test_samples_come_from_the_averaged_generator_when_there_is_one():
     assert not torch.equal(ema, raw)
     assert torch.equal(ema, model.generator_ema.module.eval()(z))
     assert WGAN(**TINY).generator_ema is None  # off by default: the paper's generator
+
+
+def test_the_averaged_generators_samples_spread_like_the_live_generators_early_in_a_run():
+    # Averaged BatchNorm statistics would still be far from the weights' own after 150 steps at decay 0.99
+    # (running_var near its initial 1 against the live generator's ~1e-3), and eval-mode samples near blank.
+    L.seed_everything(0, verbose=False)
+    model = WGAN(ema_decay=0.99, n_critic=1, lr_g=2e-4, lr_d=2e-4, **TINY)
+    tiny_trainer(150).fit(model, RandomImages(n=150 * 16))
+    z = torch.randn(256, TINY["latent_dim"], generator=torch.Generator().manual_seed(0))
+    live, averaged = model.generate(z, ema=False).std(), model.generate(z).std()
+    assert live > 0.02, "control: the live generator's samples are not blank"
+    assert 0.5 < averaged / live < 2, (float(averaged), float(live))
+    # The statistics are the averaged weights' own: recomputed, not the live generator's copied over.
+    ema_bn = next(m for m in model.generator_ema.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    live_bn = next(m for m in model.generator.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.equal(ema_bn.running_var, live_bn.running_var)
+
+
+def test_a_checkpoint_holds_batchnorm_statistics_that_fit_its_averaged_weights(tmp_path):
+    model = WGAN(ema_decay=0.999, n_critic=1, **TINY)
+    trainer = tiny_trainer(20)
+    trainer.fit(model, RandomImages())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    saved = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
+    fresh = WGAN(ema_decay=0.999, n_critic=1, **TINY)
+    fresh.generator_ema.load_state_dict({k.removeprefix("generator_ema."): v for k, v in saved.items()
+                                         if k.startswith("generator_ema.")})
+    fresh.gen_step = model.gen_step
+    stats = {k: v.clone() for k, v in fresh.generator_ema.state_dict().items() if "running" in k}
+    fresh._ema_bn_step = None
+    fresh.refresh_ema_batchnorm()  # recomputing from the saved weights gives the saved statistics
+    for k, v in fresh.generator_ema.state_dict().items():
+        if "running" in k:
+            assert torch.allclose(v, stats[k], rtol=1e-5, atol=1e-7), k

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from wgan_lit.config import DataConfig, LoggerConfig, ModelConfig
 from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator
@@ -96,11 +96,14 @@ class WGAN(L.LightningModule):
             self.critic.to(memory_format=torch.channels_last)
         # The averaged generator lives in the module, so checkpoints hold it and a resume continues it exactly.
         # Built before compile: it only samples, and a copy of a compiled module would compile again.
+        # Parameters only: averaged BatchNorm statistics lag the weights (running_var 100x the live one's for
+        # thousands of steps at 0.999, near-blank samples), so they are recomputed from noise before every use.
         self.generator_ema: AveragedModel | None = None
         if hp.ema_decay > 0:
             self.generator_ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay),
-                                               use_buffers=True)  # BatchNorm's running stats averaged too
+                                               use_buffers=False)
             self.generator_ema.requires_grad_(False)  # no optimizer's, and DDP must not wait for its gradients
+        self._ema_bn_step: int | None = None  # the gen_step of the averaged weights its BatchNorm stats fit
         if hp.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
             self.generator.compile()
             self.critic.compile()
@@ -250,20 +253,41 @@ class WGAN(L.LightningModule):
     # ---- counters survive checkpoints ----------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.refresh_ema_batchnorm():  # the saved statistics fit the saved averaged weights
+            checkpoint["state_dict"].update(
+                {f"generator_ema.{k}": v for k, v in self.generator_ema.state_dict().items()})
         checkpoint["wgan_counters"] = {"gen_step": self.gen_step, "critic_step_in_iter": self.critic_step_in_iter}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("wgan_counters", {})
         self.gen_step = counters.get("gen_step", 0)
         self.critic_step_in_iter = counters.get("critic_step_in_iter", 0)
+        self._ema_bn_step = None  # recomputed at first use: a checkpoint may predate recomputing them
 
     # ---- sampling --------------------------------------------------------------------------------------
 
+    EMA_BN_BATCHES, EMA_BN_BATCH = 8, 64  # noise images whose statistics the averaged generator's BatchNorm gets
+
+    @torch.no_grad()
+    def refresh_ema_batchnorm(self) -> bool:
+        """Give the averaged generator's BatchNorm the statistics of its own weights, unless they already fit:
+        train-mode passes of noise (``update_bn``), drawn from a private seeded generator so the result depends
+        on the weights alone and the training's random stream is untouched. False when there is no average."""
+        if self.generator_ema is None:
+            return False
+        if self._ema_bn_step != self.gen_step:
+            gen = torch.Generator().manual_seed(self.hparams.fixed_noise_seed)
+            noise = (torch.randn(self.EMA_BN_BATCH, self.hparams.latent_dim, generator=gen)
+                     for _ in range(self.EMA_BN_BATCHES))
+            update_bn(noise, self.generator_ema.module, device=self.device)
+            self._ema_bn_step = self.gen_step
+        return True
+
     @torch.no_grad()
     def generate(self, z: torch.Tensor, ema: bool = True) -> torch.Tensor:
-        """Images in [-1, 1] for latent codes ``z``, with BatchNorm in inference mode (changes no state).
-        From the averaged generator when the model keeps one, unless ``ema=False``."""
-        net = self.generator_ema.module if ema and self.generator_ema is not None else self.generator
+        """Images in [-1, 1] for latent codes ``z``, with BatchNorm in inference mode (the training networks'
+        state is unchanged). From the averaged generator when the model keeps one, unless ``ema=False``."""
+        net = self.generator if not ema or not self.refresh_ema_batchnorm() else self.generator_ema.module
         was_training = net.training
         net.eval()
         try:
