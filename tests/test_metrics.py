@@ -412,3 +412,65 @@ def test_inception_weights_are_fetched_once_on_request_and_checked(tmp_path, mon
     assert find_inception_weights(download_from=good.as_uri()) == (cached, "")
 
 
+
+
+# ---- the metrics leave the training's randomness alone ------------------------------------------------------
+
+
+def test_kid_draws_the_subsets_torch_manual_seed_would_from_a_private_generator():
+    from wgan_lit.metrics import kid_compute
+
+    scorer = SampleQuality(random_uint8(64), tiny_classifier(), kid_subsets=4, kid_subset_size=16)
+    scorer.score(random_uint8(40, seed=1))
+    kid = scorer.pairs["classifier"][1]
+    torch.manual_seed(5)
+    expected = kid.compute()  # torchmetrics' own draws from the seeded global RNG
+    assert [float(v) for v in kid_compute(kid, 5)] == [float(v) for v in expected]
+    assert float(kid_compute(kid, 6)[0]) != float(expected[0])  # control: the seed picks the subsets
+
+
+def test_an_evaluation_and_a_classifier_build_never_seed_the_global_rng(monkeypatch):
+    scorer = SampleQuality(random_uint8(64), tiny_classifier(), kid_subsets=3, kid_subset_size=16)
+    model = WGAN(ema_decay=0.9, **TINY)
+    callback = SampleQualityCallback(None, every_n_gen_steps=1, n_samples=20, batch_size=8)
+    callback.scorer = scorer
+    seeded = []
+    for owner, name in [(torch, "manual_seed"), (torch.random, "manual_seed"), (torch.cuda, "manual_seed"),
+                        (torch.cuda, "manual_seed_all"), (torch.cuda.random, "manual_seed_all")]:
+        monkeypatch.setattr(owner, name, lambda *a, _n=name, **k: seeded.append(_n))
+    cpu_before = torch.random.get_rng_state()
+    cuda_before = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    scores = callback.evaluate(model)
+    clf.train_classifier(random_uint8(64), torch.arange(64) % 10, epochs=1, batch_size=32, width=4,
+                         num_features=8)
+    assert {"metrics/kid", "metrics_raw/kid"} <= set(scores)
+    assert seeded == []
+    assert torch.equal(torch.random.get_rng_state(), cpu_before)
+    for a, b in zip(cuda_before, torch.cuda.get_rng_state_all() if cuda_before else [], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_deterministic_run_ends_with_the_same_weights_with_metrics_on_as_off(tmp_path, monkeypatch):
+    from tests.conftest import assert_same_training_state, load, tiny_config
+    from wgan_lit.train import train
+
+    data = write_fake_fashion_mnist(tmp_path / "data", n_train=128, n_test=64)
+    weights = clf.save(tiny_classifier(), tmp_path / "c.pt", test_accuracy=1.0)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights here
+
+    def run(name: str, metrics: bool) -> dict:
+        cfg = tiny_config(data, 6, ema_decay=0.9)
+        cfg.logger.sample_every_n_gen_steps = 0
+        if metrics:
+            cfg.metrics.every_n_gen_steps, cfg.metrics.n_samples, cfg.metrics.kid_subsets = 2, 20, 2
+            cfg.metrics.classifier_path, cfg.metrics.checkpoint_monitor = str(weights), ""
+        train(cfg, tmp_path / name)
+        return load(tmp_path / name / "checkpoints" / "last.ckpt")
+
+    off = run("off", metrics=False)
+    assert_same_training_state(run("on", metrics=True), off)
+    # Control: an evaluation that drew from the training's RNG would change the run.
+    score = SampleQuality.score
+    monkeypatch.setattr(SampleQuality, "score", lambda self, fake: (torch.rand(1), score(self, fake))[1])
+    with pytest.raises(AssertionError):
+        assert_same_training_state(run("leaky", metrics=True), off)

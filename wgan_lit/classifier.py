@@ -121,27 +121,33 @@ def train_classifier(
     device: str | torch.device = "cpu",
     log: bool = False,
 ) -> FashionClassifier:
-    """Fit a FashionClassifier on uint8 images (N, 1, 28, 28) and labels; deterministic for a seed on CPU."""
-    torch.manual_seed(seed)
-    model = FashionClassifier(width, num_features).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = len(images) // batch_size
-    # One-cycle: a high learning rate early, annealed to zero, converges in few epochs.
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(images), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            x = to_unit_range(images[idx].to(device))
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if log:
-            print(f"epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}", flush=True)
+    """Fit a FashionClassifier on uint8 images (N, 1, 28, 28) and labels; deterministic for a seed on CPU.
+    Its random draws (initial weights, dropout, order) leave the caller's random streams as they were."""
+    device = torch.device(device)
+    # Seeded and restored on this device only: torch.manual_seed would reseed every CUDA device (a run's noise).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+        model = FashionClassifier(width, num_features).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps_per_epoch = len(images) // batch_size
+        # One-cycle: a high learning rate early, annealed to zero, converges in few epochs.
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch))
+        gen = torch.Generator().manual_seed(seed)
+        for epoch in range(epochs):
+            model.train()
+            order = torch.randperm(len(images), generator=gen)
+            for i in range(steps_per_epoch):
+                idx = order[i * batch_size : (i + 1) * batch_size]
+                x = to_unit_range(images[idx].to(device))
+                loss = F.cross_entropy(model(x), labels[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            if log:
+                print(f"epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.3f}", flush=True)
     return model.eval()
 
 

@@ -34,7 +34,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance, poly_mmd
+from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from wgan_lit import classifier as clf
@@ -229,11 +230,7 @@ class SampleQuality:
                     counts += torch.bincount(preds.cpu(), minlength=len(CLASSES))
             fid.inception.forget()
             kid.subset_size = min(self.kid_subset_size, self.n_real, len(fake))
-            # KID draws its subsets with torch.randperm: a private seeded RNG makes it reproducible and
-            # leaves the training run's random stream untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                kid_mean, kid_std = kid.compute()
+            kid_mean, kid_std = kid_compute(kid, self.seed)
             prefix = {
                 "classifier": ("fd_classifier", "kid"),
                 "inception": ("fid_inception", "kid_inception"),
@@ -244,6 +241,23 @@ class SampleQuality:
             out["coverage"] = normalized_entropy(counts)
             self.class_fractions = (counts.double() / counts.sum()).tolist()
         return {k: out[k] for k in self.names}
+
+
+def kid_compute(kid: KernelInceptionDistance, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kid.compute()`` with its random subsets drawn from a private generator seeded with ``seed``.
+
+    torchmetrics draws them from the global RNG; seeding that would reset CUDA's stream too (torch.manual_seed
+    seeds every device), and with it the training's noise. The same seed gives the same subsets as
+    ``torch.manual_seed(seed); kid.compute()``."""
+    real, fake = dim_zero_cat(kid.real_features), dim_zero_cat(kid.fake_features)
+    gen = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(kid.subsets):
+        f_real = real[torch.randperm(len(real), generator=gen)[: kid.subset_size]]
+        f_fake = fake[torch.randperm(len(fake), generator=gen)[: kid.subset_size]]
+        scores.append(poly_mmd(f_real, f_fake, kid.degree, kid.gamma, kid.coef))
+    stacked = torch.stack(scores)
+    return stacked.mean(), stacked.std(unbiased=False)
 
 
 def normalized_entropy(counts: torch.Tensor) -> float:
