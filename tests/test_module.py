@@ -73,34 +73,52 @@ def test_paper_schedule_gives_the_critic_100_steps_early_and_every_500th():
     assert model.gen_step == 2 and model.critic_step_in_iter == 1
 
 
-def test_a_critic_step_leaves_the_generator_and_a_generator_step_leaves_the_critic_bit_identical(monkeypatch):
+def changed(before: dict[str, torch.Tensor], net: torch.nn.Module) -> set[str]:
+    return {k for k, v in net.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def test_each_step_changes_its_own_network_and_of_the_other_only_the_batchnorm_statistics(monkeypatch):
+    """A critic step leaves the generator's weights bit-identical and a generator step the critic's; the other
+    network's BatchNorm running statistics move, because it runs forward in train mode (as in the paper's code)."""
     model = WGAN(n_critic=2, lr_g=1e-2, lr_d=1e-2, **TINY)
-    record: dict[str, list] = {"g_changed": [], "d_changed_by_g_step": [], "g_changed_by_d_step": []}
-    state: dict[str, list[torch.Tensor]] = {}
+    record: dict[str, list] = {"d_step": [], "g_step": []}
+    snap: dict[str, dict] = {}
     original_clamp = module_mod.clamp_
 
     def clamp_and_snapshot(params, clip_value):
         original_clamp(params, clip_value)  # end of the critic update
-        state["d_after_critic_step"] = snapshot(model.critic)
-        record["g_changed_by_d_step"].append(not identical(state["g_before"], snapshot(model.generator)))
+        record["d_step"].append((changed(snap["d"], model.critic), changed(snap["g"], model.generator)))
+        snap["d"], snap["g"] = state(model.critic), state(model.generator)
 
     monkeypatch.setattr(module_mod, "clamp_", clamp_and_snapshot)
 
     class Watch(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            state["g_before"] = snapshot(pl_module.generator)
-            state["gen_step_before"] = pl_module.gen_step
+            snap["d"], snap["g"] = state(pl_module.critic), state(pl_module.generator)
+            snap["gen_step"] = pl_module.gen_step
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if pl_module.gen_step > state["gen_step_before"]:  # this batch had a generator update
-                record["g_changed"].append(not identical(state["g_before"], snapshot(pl_module.generator)))
-                record["d_changed_by_g_step"].append(
-                    not identical(state["d_after_critic_step"], snapshot(pl_module.critic)))
+            if pl_module.gen_step > snap["gen_step"]:  # this batch had a generator update
+                record["g_step"].append((changed(snap["g"], pl_module.generator),
+                                         changed(snap["d"], pl_module.critic)))
 
     tiny_trainer(8, [Watch()]).fit(model, RandomImages())
-    assert len(record["g_changed_by_d_step"]) == 8 and not any(record["g_changed_by_d_step"])
-    assert len(record["d_changed_by_g_step"]) == 4 and not any(record["d_changed_by_g_step"])
-    assert all(record["g_changed"]), "the generator update must change the generator"
+    weights = lambda net: {k for k, _ in net.named_parameters()}  # noqa: E731
+    bn_stats = lambda net: {k for k in net.state_dict() if k.endswith(BN_STATS)}  # noqa: E731
+    assert len(record["d_step"]) == 8 and len(record["g_step"]) == 4
+    for own, other in record["d_step"]:
+        assert own & weights(model.critic), "a critic step must change the critic's weights"
+        assert other and other <= bn_stats(model.generator), other
+    for own, other in record["g_step"]:
+        assert weights(model.generator) <= own, "a generator step must change every generator weight"
+        assert other and other <= bn_stats(model.critic), other
 
 
 def test_losses_have_the_papers_signs():
@@ -108,6 +126,44 @@ def test_losses_have_the_papers_signs():
     assert critic_loss(real, fake).item() == pytest.approx(-3.0)  # negative: W estimate = 3
     assert critic_loss(fake, real).item() == pytest.approx(3.0)
     assert generator_loss(torch.full((8,), 2.0)).item() == pytest.approx(-2.0)  # fakes scored high: low loss
+
+
+def test_in_the_training_step_the_critic_raises_the_w_estimate_and_the_generator_the_fakes_scores(monkeypatch):
+    """The losses' signs where they are used: measured on fixed real images and noise before and after each step.
+    Swapping the critic's arguments or flipping the generator's sign makes the steps go the other way."""
+    model = WGAN(n_critic=2, lr_g=1e-3, lr_d=1e-3, clip_value=1.0, critic_batchnorm=False, g_batchnorm=False,
+                 **TINY)
+    real = RandomImages(n=64).images.float().div(127.5).sub(1)
+    z = torch.randn(64, TINY["latent_dim"], generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def scores() -> tuple[float, float]:
+        fake_scores = model.critic(model.generator(z)).mean()
+        return float(model.critic(real).mean() - fake_scores), float(fake_scores)
+
+    moves: dict[str, list[float]] = {"w": [], "fake": []}
+    snap: dict[str, tuple[float, float]] = {}
+    original_clamp = module_mod.clamp_
+
+    def clamp_and_measure(params, clip_value):
+        original_clamp(params, clip_value)  # end of the critic update
+        snap["after_d"] = scores()
+        moves["w"].append(snap["after_d"][0] - snap["before"][0])
+
+    monkeypatch.setattr(module_mod, "clamp_", clamp_and_measure)
+
+    class Measure(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snap["before"], snap["gen_step"] = scores(), pl_module.gen_step
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.gen_step > snap["gen_step"]:
+                moves["fake"].append(scores()[1] - snap["after_d"][1])
+
+    tiny_trainer(12, [Measure()]).fit(model, RandomImages(n=512))
+    assert len(moves["w"]) == 12 and len(moves["fake"]) == 6
+    assert sum(m > 0 for m in moves["w"]) >= 10 and sum(moves["w"]) > 0, moves["w"]
+    assert sum(m > 0 for m in moves["fake"]) >= 5 and sum(moves["fake"]) > 0, moves["fake"]
 
 
 def test_critic_has_no_sigmoid_and_scores_are_unbounded():
