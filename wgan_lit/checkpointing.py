@@ -6,31 +6,24 @@
   the old file intact and at most a stray ``*.tmp-<pid>`` file, never a truncated ``last.ckpt``.
 - :func:`read_checkpoint` opens a file given for resume or generation and turns every way it can be wrong
   (missing, a folder, truncated, not a checkpoint, not this project's) into one :class:`CheckpointError`
-  naming the file; :func:`architecture_mismatch` names each network setting that differs from the config.
+  naming the file; :func:`check_resumable` also checks that its weights and optimizer state fit the model the
+  config builds, and names the settings that differ when they do not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-# Hyperparameters that fix the shapes of the saved tensors, with the config key a user would change.
-ARCHITECTURE_KEYS = {
-    "image_size": "data.image_size",
-    "channels": "the data set's channels (data.name)",
-    "latent_dim": "model.latent_dim",
-    "g_features": "model.g_features",
-    "d_features": "model.d_features",
-    "critic_batchnorm": "model.critic_batchnorm",
-    "n_fixed_samples": "model.n_fixed_samples",
-    "optimizer": "model.optimizer",  # the saved optimizer state only loads into the same optimizer
-}
+from wgan_lit.config import DataConfig, LoggerConfig, ModelConfig
 
 
 class CheckpointError(RuntimeError):
@@ -137,22 +130,51 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     return ckpt
 
 
-def architecture_mismatch(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """One line per architecture hyperparameter whose saved value differs from the one wanted."""
-    return [
-        f"  {ARCHITECTURE_KEYS[k]}: checkpoint has {saved.get(k)!r}, the config gives {wanted[k]!r}"
-        for k in ARCHITECTURE_KEYS
-        if k in wanted and saved.get(k) != wanted[k]
-    ]
+def config_key(hparam: str) -> str:
+    """The config key behind a WGAN hyperparameter, e.g. ``n_extra_layers`` -> ``model.n_extra_layers``."""
+    if hparam == "channels":
+        return "channels (set by data.name)"
+    for prefix, schema in (("model", ModelConfig), ("data", DataConfig), ("logger", LoggerConfig)):
+        if hparam in {f.name for f in dataclasses.fields(schema)}:
+            return f"{prefix}.{hparam}"
+    return hparam
 
 
-def check_resumable(path: str | Path, hparams: dict[str, Any]) -> dict[str, Any]:
-    """Read ``path`` for ``trainer.fit(ckpt_path=...)`` and check it fits a model built with ``hparams``."""
+def architecture_mismatch(ckpt: dict[str, Any], model: L.LightningModule) -> list[str]:
+    """Why ``ckpt`` cannot resume into ``model``; empty when it can.
+
+    It can when its weights have the names and shapes of ``model.state_dict()`` and its optimizer states are of
+    the optimizer ``model`` makes (the kind is not in the saved state: torch loads Adam's into RMSprop and fails
+    at the first step, so it is read from the hyperparameters). When it cannot, every hyperparameter that differs
+    is named, as ``config key: checkpoint has A, the config gives B``: those are the settings to change back.
+    """
+    def shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    saved_shapes, wanted_shapes = shapes(ckpt["state_dict"]), shapes(model.state_dict())
+    saved, wanted = ckpt["hyper_parameters"], dict(model.hparams)
+    if saved_shapes == wanted_shapes and saved.get("optimizer") == wanted.get("optimizer"):
+        return []
+    keys = [*wanted, *(k for k in saved if k not in wanted)]
+    differ = [f"{config_key(k)}: checkpoint has {saved.get(k)!r}, the config gives {wanted.get(k)!r}"
+              for k in keys if saved.get(k) != wanted.get(k)]
+    if differ:
+        return differ
+    # Same settings, other weights: written by a version of wgan_lit whose networks were built differently.
+    name = min(k for k in saved_shapes.keys() | wanted_shapes.keys() if saved_shapes.get(k) != wanted_shapes.get(k))
+    return [f"{name}: checkpoint has {saved_shapes.get(name, 'no such weight')}, the networks of the config have "
+            f"{wanted_shapes.get(name, 'no such weight')} with the same settings (another version of wgan_lit?)"]
+
+
+def check_resumable(path: str | Path, model: L.LightningModule) -> dict[str, Any]:
+    """Read ``path`` for ``trainer.fit(model, ckpt_path=...)`` and check that it loads into ``model`` (which may
+    be on the meta device: only names and shapes are compared)."""
     ckpt = read_checkpoint(path, what="ckpt_path")
-    bad = architecture_mismatch(ckpt["hyper_parameters"], hparams)
+    bad = architecture_mismatch(ckpt, model)
     if bad:
         raise CheckpointError(
-            f"ckpt_path {path}: the checkpoint's networks do not match the config:\n" + "\n".join(bad) +
-            "\nResume with the settings the run was started with (its .hydra/config.yaml lists them)."
+            f"ckpt_path {path}: the checkpoint does not fit the networks and optimizer of the config ("
+            + "; ".join(bad) + "). Resume with the settings the run was started with (its .hydra/config.yaml "
+            "lists them)."
         )
     return ckpt

@@ -61,7 +61,9 @@ def check_before_run(cfg: DictConfig) -> TrainConfig:
     datamodule = _checked_data[key] = _checked_data.get(key) or build_datamodule(config.data)
     datamodule.prepare_data()
     if config.ckpt_path:
-        check_resumable(config.ckpt_path, dict(build_model(config, datamodule).hparams))
+        with torch.device("meta"):  # only names and shapes are compared: no memory, no initialisation
+            model = build_model(config, datamodule)
+        check_resumable(config.ckpt_path, model)
     return config
 
 
@@ -80,7 +82,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
 
     model = build_model(cfg, datamodule)
     if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts
-        check_resumable(cfg.ckpt_path, dict(model.hparams))
+        check_resumable(cfg.ckpt_path, model)
     trainer = L.Trainer(
         **{k: v for k, v in cfg.trainer.items() if k != "max_time"},  # its Timer is among the callbacks
         logger=build_logger(cfg, run_dir),
