@@ -1,5 +1,6 @@
 """wgan_lit/study.py: a tiny study end to end (arms trained, scored, reused, reported, the notebook run on it),
-and the pieces its verdicts rest on (Spearman's rho, the loss/score pairing, the architecture verdict)."""
+the committed page as the render of the committed data file, and the pieces its verdicts rest on (Spearman's
+rho, the loss/score pairing, the architecture verdict, the weights at the bound)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import assert_one_error, call, execute_notebook, tiny_classifier, write_fake_fashion_mnist
 from wgan_lit import classifier as clf
 from wgan_lit import study
 from wgan_lit.evaluate import EvaluateConfig, evaluate
+from wgan_lit.module import WGAN
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("paper_meaningful_loss.png", "paper_architectures.png", "paper_clip.png", "paper_clip_vs_gp.png")
 
 # Six arms cover every section of the report; the other five are missing on purpose (reported as not run).
 ARMS = "wgan_dcgan,wgan_mlp,gan_dcgan,gan_mlp,clip_0.1,wgan_gp"
@@ -62,7 +68,7 @@ def test_a_tiny_study_trains_scores_and_reports_every_chosen_arm(tiny_study):
     reported = json.loads((runs / "wgan_gp" / "evaluate.json").read_text())["metrics"]["fd_classifier"]
     assert reported == scores[given] != scores[other]
     page = (out / "paper.md").read_text()
-    for name in ("paper_meaningful_loss.png", "paper_architectures.png", "paper_clip.png", "paper_clip_vs_gp.png"):
+    for name in FIGURES:
         assert (out / name).stat().st_size > 1000 and f"({name})" in page
     ev = json.loads((runs / "wgan_gp" / "evaluate.json").read_text())["metrics"]
     assert f"| {ev['fd_classifier']:.1f} | {ev['coverage']:.3f} |" in page  # the table holds the arm's scores
@@ -71,7 +77,60 @@ def test_a_tiny_study_trains_scores_and_reports_every_chosen_arm(tiny_study):
     assert "| 0.1 | clip_0.1 |" in page and "| 0.005 |" not in page
     rho = re.search(r"\| wgan_dcgan \| W estimate \| (\S+) \|", page).group(1)
     assert -1 <= float(rho) <= 1 and f"(rho {rho}" in page  # 4 scores after the first: a verdict, not "too few"
-    assert "python -m wgan_lit.study runs=" in page and "-- data.root=" in page  # the command that wrote it
+    assert "python -m wgan_lit.study runs=RUNS out=OUT minutes=1" in page and "-- data.root=ROOT" in page
+    data = (out / "paper_data.json").read_text()
+    tmp = str(runs.parent)
+    assert tmp in " ".join(args) and tmp not in page and tmp not in data  # no folder of this machine in either
+    arm = json.loads(data)["arms"]["wgan_gp"]
+    assert arm["scores"]["fd_classifier"] == pytest.approx(ev["fd_classifier"], rel=1e-5)
+    assert len(arm["loss_vs_fd"]["step"]) >= 4 and len(arm["samples"]["uint8_zlib_base64"]) > 100
+
+
+@pytest.mark.slow
+def test_a_render_of_the_data_file_alone_is_the_page(tiny_study, tmp_path):
+    _, runs, out = tiny_study
+    shutil.copy(out / "paper_data.json", tmp_path / "data.json")
+    moved = runs.with_name("runs_moved")  # the run directories out of reach: the render reads the data file only
+    runs.rename(moved)
+    try:
+        assert study.main([f"render={tmp_path / 'data.json'}", f"out={tmp_path / 'again'}"]) == 0
+    finally:
+        moved.rename(runs)
+    assert (tmp_path / "again" / "paper.md").read_bytes() == (out / "paper.md").read_bytes()
+    assert all((tmp_path / "again" / name).stat().st_size > 1000 for name in FIGURES)
+    assert not (tmp_path / "again" / "paper_data.json").exists()
+
+
+def test_the_committed_page_is_the_render_of_the_committed_data(tmp_path):
+    data = REPO / "docs" / "paper_data.json"
+    assert data.stat().st_size < 1_000_000
+    assert study.main([f"render={data}", f"out={tmp_path}"]) == 0
+    assert (tmp_path / "paper.md").read_bytes() == (REPO / "docs" / "paper.md").read_bytes()
+    assert all((tmp_path / name).stat().st_size > 1000 for name in FIGURES)
+
+
+def test_a_file_that_is_not_study_data_is_refused_before_anything_is_written(capsys, tmp_path):
+    (tmp_path / "bad.json").write_text('{"arms": {}}')
+    for path in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        code, out, err = call(study.main, [f"render={path}", f"out={tmp_path / 'out'}"], capsys)
+        assert_one_error(code, out, err, f"render='{path}'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_share_at_the_bound_counts_the_critic_parameters_not_its_running_statistics():
+    model = WGAN()  # the DCGAN critic with BatchNorm, the paper's c = 0.01
+    with torch.no_grad():
+        for p in model.critic.parameters():
+            p.fill_(0.01)
+        for b in model.critic.buffers():
+            if b.is_floating_point():
+                b.fill_(0.001)  # well inside the bound: counted as weights, they would lower the share
+    weights = study.critic_weights(model, 0.01)
+    assert weights["at_bound"] == 1.0
+    assert sum(weights["hist"]) == sum(p.numel() for p in model.critic.parameters()) == weights["hist"][-1]
+    with torch.no_grad():
+        next(model.critic.parameters()).fill_(0.0)  # control: weights inside the bound lower it
+    assert study.critic_weights(model, 0.01)["at_bound"] < 1.0
 
 
 @pytest.mark.slow
@@ -99,8 +158,18 @@ def test_the_paper_notebook_runs_top_to_bottom_on_the_tiny_study(tiny_study, tmp
     outputs = execute_notebook("paper_study.ipynb", tmp_path, monkeypatch, WGAN_STUDY_DIR=str(runs))
     text = "".join(o.get("text", "") for o in outputs) + "".join(
         o.get("data", {}).get("text/plain", "") for o in outputs)
-    assert f"study: {runs}" in text and "6 finished arms" in text
+    assert f"study: {runs}: 6 finished arms" in text
     assert re.search(r"wgan_gp\s+12\s", text)  # the arm table: generator steps of each arm
+    assert [m for o in outputs for m in o.get("data", {})].count("image/png") == 5
+
+
+@pytest.mark.slow
+def test_the_paper_notebook_draws_the_committed_data_without_a_study_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("WGAN_STUDY_DIR", raising=False)
+    outputs = execute_notebook("paper_study.ipynb", tmp_path, monkeypatch)
+    text = "".join(o.get("text", "") for o in outputs)
+    n = len(json.loads((REPO / "docs" / "paper_data.json").read_text())["arms"])
+    assert f"paper_data.json: {n} finished arms" in text
     assert [m for o in outputs for m in o.get("data", {})].count("image/png") == 5
 
 

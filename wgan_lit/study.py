@@ -3,7 +3,9 @@
 Trains every arm below for the same wall-clock budget (``minutes``), one after another, each a normal run of
 ``python -m wgan_lit.train`` in ``<runs>/<arm>/``, scored during training every ``metric_seconds`` and at the
 end by ``wgan_lit.evaluate`` (the test set). An arm whose run finished with the same settings is reused, so
-an interrupted study goes on where it stopped. Then it writes ``<out>/paper.md`` and its figures:
+an interrupted study goes on where it stopped. Then it writes every number it reports to
+``<out>/paper_data.json`` and renders ``<out>/paper.md`` and its figures from that file alone
+(``render=<out>/paper_data.json`` renders them again without training):
 
 1. meaningful loss (paper Fig. 3-4): the critic's W estimate, and the standard GAN's JS estimate, against
    ``fd_classifier`` over training, with the Spearman correlation over the scored points;
@@ -17,14 +19,19 @@ Words after ``--`` go to every arm's ``wgan_lit.train`` command line (``-- data.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import torch
@@ -50,6 +57,7 @@ ARMS: dict[str, list[str]] = {
     "wgan_gp": ["model=wgan_gp"],
 }
 ARCHITECTURES = {"dcgan": "DCGAN", "nobn": "no BatchNorm", "mlp": "MLP (4 x 512)"}
+HIST_BINS = 60  # of the critic's weight histograms, on [-c, c]
 
 
 @dataclass
@@ -64,7 +72,8 @@ class StudyConfig:
     metric_seconds: float = 20.0  # score during training every this many seconds (and at the start and end)
     n_samples: int = 2000  # images per score during training
     eval_samples: int = 5000  # images of the final score (wgan_lit.evaluate, against the test set)
-    report_only: bool = False  # write paper.md from the arms already finished; train nothing
+    report_only: bool = False  # write paper_data.json and paper.md from the arms already finished; train nothing
+    render: str = ""  # a paper_data.json: write paper.md and its figures from it alone (the other keys unused)
 
 
 def arm_overrides(name: str, cfg: StudyConfig, extra: list[str]) -> list[str]:
@@ -88,6 +97,8 @@ def check(cfg: StudyConfig) -> list[str]:
         ("n_samples", cfg.n_samples, cfg.n_samples >= 2, "an integer >= 2"),
         ("eval_samples", cfg.eval_samples, cfg.eval_samples >= 2, "an integer >= 2"),
         ("cpu_threads", cfg.cpu_threads, cfg.cpu_threads >= 0, "an integer >= 0"),
+        ("render", cfg.render, not cfg.render or Path(cfg.render).is_file(),
+         "the path of a paper_data.json that this command wrote, or nothing"),
     ]
     return [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in rules if not ok]
 
@@ -123,7 +134,7 @@ def run_arm(name: str, cfg: StudyConfig, extra: list[str]) -> Path:
     return run_dir
 
 
-# ---- reading the results ---------------------------------------------------------------------------------
+# ---- the data file: everything the page and its figures show ---------------------------------------------
 
 
 def scalars(run_dir: str | Path) -> dict[str, list[tuple[float, int, float]]]:
@@ -160,26 +171,90 @@ def loss_vs_quality(curves: dict[str, list[tuple[float, int, float]]], loss_tag:
     return steps, losses, fds
 
 
-def critic_weights(run_dir: str | Path) -> torch.Tensor:
-    """Every critic weight of the run's last checkpoint, flattened."""
-    state = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return torch.cat([v.flatten().float() for k, v in state["state_dict"].items()
-                      if k.startswith("critic.") and v.is_floating_point()])
+def critic_weights(model: torch.nn.Module, c: float) -> dict[str, Any]:
+    """The share of the critic's parameters at the bound (|w| >= 0.99 c) and their histogram in units of c.
+    Parameters only: BatchNorm's running statistics are not clipped weights."""
+    w = torch.cat([p.detach().flatten().double() for p in model.critic.parameters()]) / c
+    return {"at_bound": sig(float((w.abs() >= 0.99).double().mean())),
+            "hist": torch.histc(w, bins=HIST_BINS, min=-1, max=1).long().tolist()}
 
 
-def load(cfg: StudyConfig) -> dict[str, dict[str, Any]]:
-    """arm -> {"dir", "curves", "eval", "steps"} for every finished arm."""
-    results = {}
-    for name in ARMS:
-        run_dir = Path(cfg.runs) / name
-        if not (run_dir / "done.json").is_file():
-            continue
-        ev = json.loads((run_dir / "evaluate.json").read_text())
-        results[name] = {"dir": run_dir, "curves": scalars(run_dir), "eval": ev, "steps": ev["gen_step"]}
-    return results
+def sig(x: float, digits: int = 6) -> float:
+    """``x`` to ``digits`` significant digits: the data file holds what the page can show, not float noise."""
+    return float(f"{x:.{digits}g}")
 
 
-# ---- figures and the report ------------------------------------------------------------------------------
+def arm_data(name: str, run_dir: Path, c: float | None) -> dict[str, Any]:
+    """One finished arm's scores, curves and figure inputs."""
+    from wgan_lit.generate import batches, latents, load_generator
+
+    ev, curves = json.loads((run_dir / "evaluate.json").read_text()), scalars(run_dir)
+    tag = "critic/js_estimate" if name.startswith("gan_") else "critic/wasserstein"
+    fd, loss = curves.get("metrics/fd_classifier", []), curves.get(tag, [])
+    loss = loss[:: -(-len(loss) // 300) or 1]  # at most 300 points of the W curves, which have thousands
+    steps, losses, fds = loss_vs_quality(curves, tag)
+    arm = {"overrides": ARMS[name], "gen_steps": ev["gen_step"],
+           "scores": {k: sig(v) for k, v in ev["metrics"].items() if isinstance(v, float | int)},
+           "fd_over_time": {"minutes": [sig((t - fd[0][0]) / 60, 4) for t, _, _ in fd],
+                            "step": [s for _, s, _ in fd], "value": [sig(v, 5) for _, _, v in fd]},
+           "loss": {"tag": tag, "step": [s for _, s, _ in loss], "value": [sig(v, 4) for _, _, v in loss]},
+           "loss_vs_fd": {"step": steps, "loss": [sig(v) for v in losses], "fd": [sig(v) for v in fds]}}
+    model = load_generator(run_dir / "checkpoints" / "last.ckpt", "cpu")
+    if name in [f"{loss}_{a}" for loss in ("wgan", "gan") for a in ARCHITECTURES]:
+        images = ((next(batches(model, latents(model, 36, 0), 36)) + 1) * 127.5).round().to(torch.uint8)
+        arm["samples"] = {"shape": list(images.shape),
+                          "uint8_zlib_base64": base64.b64encode(zlib.compress(images.numpy().tobytes(), 9)).decode()}
+    if c is not None:
+        arm["critic_weights"] = critic_weights(model, c)
+    return arm
+
+
+def collect(cfg: StudyConfig, extra: list[str]) -> dict[str, Any]:
+    """The data file's contents: the study's settings and machine, and every finished arm."""
+    from wgan_lit.fast_path import cpu_name
+
+    clip_of = {a: c for c, a in clip_arms(list(ARMS)).items()}
+    arms = {name: arm_data(name, Path(cfg.runs) / name, clip_of.get(name)) for name in ARMS
+            if (Path(cfg.runs) / name / "done.json").is_file()}
+    budget = {k: getattr(cfg, k) for k in ("minutes", "cpu_threads", "metric_seconds", "n_samples", "eval_samples")}
+    return {"study": {"command": command(cfg, extra), "machine": cpu_name(), "cores": os.cpu_count(),
+                      "torch": torch.__version__, "budget": budget}, "arms": arms}
+
+
+def write_data(data: dict[str, Any], path: Path) -> Path:
+    """``data`` as JSON, one line per list of numbers, so that a new study's diff reads per curve."""
+    text = re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]",
+                  json.dumps(data, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return path
+
+
+def read_data(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+        data["study"]["budget"], data["arms"]  # noqa: B018 (the keys every page needs)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        cli.fail(f"render={str(path)!r}: not a study data file ({type(err).__name__}: {err}); expected the "
+                 "paper_data.json that python -m wgan_lit.study writes")
+    return data
+
+
+def command(cfg: StudyConfig, extra: list[str]) -> str:
+    """The study's command line as run, an absolute path as its key in capitals (``runs=RUNS``): the page
+    must not name the folders of the machine it ran on."""
+    portable = lambda w: re.sub(r"^([^=]*?)([^.=]*)=/.*", lambda m: f"{m[1]}{m[2]}={m[2].upper()}", w)
+    default = StudyConfig()
+    own = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+           if getattr(cfg, f.name) != getattr(default, f.name) and f.name not in ("report_only", "render")]
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    prefix = [f"taskset -c {','.join(map(str, cpus))}"] if cpus and len(cpus) < (os.cpu_count() or 0) else []
+    prefix += [f"nice -n {os.nice(0)}"] if hasattr(os, "nice") and os.nice(0) > 0 else []
+    return " ".join([*prefix, "python -m wgan_lit.study", *map(portable, own),
+                     *(["--", *map(portable, extra)] if extra else [])])
+
+
+# ---- the page and its figures, from the data file alone --------------------------------------------------
 
 
 def pyplot() -> Any:
@@ -193,123 +268,104 @@ def pyplot() -> Any:
     return plt
 
 
-def figure_meaningful_loss(results: dict[str, dict[str, Any]], path: Path) -> dict[str, float]:
-    """Loss and fd_classifier against generator steps, WGAN and the standard GAN; their Spearman rho."""
+def save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+
+
+def rho(arms: dict[str, Any], arm: str) -> float:
+    """Spearman's rho between an arm's loss and its fd_classifier over the scores; nan when missing."""
+    pairs = arms.get(arm, {}).get("loss_vs_fd", {"loss": [], "fd": []})
+    return spearman(pairs["loss"], pairs["fd"])
+
+
+def figure_meaningful_loss(arms: dict[str, Any], path: Path) -> None:
+    """Loss and fd_classifier against generator steps, WGAN and the standard GAN, with their Spearman rho."""
     plt = pyplot()
-    pairs = [(a, t, lab) for a, t, lab in [("wgan_dcgan", "critic/wasserstein", "W estimate (critic)"),
-                                           ("gan_dcgan", "critic/js_estimate", "JS estimate (discriminator)")]
-             if a in results]
-    rho = {}
+    pairs = [(a, lab) for a, lab in [("wgan_dcgan", "W estimate (critic)"),
+                                     ("gan_dcgan", "JS estimate (discriminator)")] if a in arms]
     fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(6 * max(len(pairs), 1), 4), squeeze=False)
-    for ax, (arm, tag, label) in zip(axes[0], pairs, strict=False):
-        steps, losses, fds = loss_vs_quality(results[arm]["curves"], tag)
-        rho[arm] = spearman(losses, fds)
-        ax.plot(steps, losses, color="tab:blue", marker=".")
+    for ax, (arm, label) in zip(axes[0], pairs, strict=False):
+        points = arms[arm]["loss_vs_fd"]
+        ax.plot(points["step"], points["loss"], color="tab:blue", marker=".")
         ax.set_xlabel("generator step")
         ax.set_ylabel(label, color="tab:blue")
         twin = ax.twinx()
-        twin.plot(steps, fds, color="tab:red", marker=".")
+        twin.plot(points["step"], points["fd"], color="tab:red", marker=".")
         twin.set_ylabel("fd_classifier (lower is better)", color="tab:red")
-        ax.set_title(f"{arm}: Spearman rho = {rho[arm]:.2f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return rho
+        ax.set_title(f"{arm}: Spearman rho = {rho(arms, arm):.2f}")
+    save(fig, path)
 
 
-def figure_samples(results: dict[str, dict[str, Any]], path: Path) -> None:
+def figure_samples(arms: dict[str, Any], path: Path) -> None:
     """A 3 x 2 table of sample grids: generator architecture (rows) x loss (columns)."""
-    from wgan_lit.generate import batches, latents, load_generator
+    from torchvision.utils import make_grid
 
     plt = pyplot()
     fig, axes = plt.subplots(3, 2, figsize=(6, 9))
     for row, arch in enumerate(ARCHITECTURES):
         for col, loss in enumerate(("wgan", "gan")):
-            ax, arm = axes[row][col], f"{loss}_{arch}"
+            ax, arm = axes[row][col], arms.get(f"{loss}_{arch}")
             ax.axis("off")
-            if arm not in results:
+            if arm is None:
                 continue
-            model = load_generator(results[arm]["dir"] / "checkpoints" / "last.ckpt", "cpu")
-            images = next(batches(model, latents(model, 36, 0), 36))
-            from torchvision.utils import make_grid
-
-            grid = make_grid(images, nrow=6, normalize=True, value_range=(-1, 1))
-            ax.imshow(grid.permute(1, 2, 0).numpy())
-            ev = results[arm]["eval"]["metrics"]
+            raw = zlib.decompress(base64.b64decode(arm["samples"]["uint8_zlib_base64"]))
+            images = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(arm["samples"]["shape"])
+            ax.imshow(make_grid(images, nrow=6).permute(1, 2, 0).numpy())
+            m = arm["scores"]
             ax.set_title(f"{'WGAN' if loss == 'wgan' else 'GAN'}, {ARCHITECTURES[arch]}\n"
-                         f"fd {ev['fd_classifier']:.1f}, coverage {ev['coverage']:.2f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+                         f"fd {m['fd_classifier']:.1f}, coverage {m['coverage']:.2f}", fontsize=9)
+    save(fig, path)
 
 
-def clip_arms(results: dict[str, dict[str, Any]]) -> dict[float, str]:
+def clip_arms(names: Any) -> dict[float, str]:
+    """c -> the arm that trained with it, among ``names``."""
     arms = {c: "wgan_dcgan" if c == 0.01 else f"clip_{c}" for c in CLIPS}
-    return {c: a for c, a in arms.items() if a in results}
+    return {c: a for c, a in arms.items() if a in names}
 
 
-def figure_clip(results: dict[str, dict[str, Any]], path: Path) -> dict[float, float]:
-    """W curves (left) and the critic's final weight histograms (right) per clip value; the share of
-    critic weights at the bound (|w| >= 0.99 c) per c."""
+def figure_clip(arms: dict[str, Any], path: Path) -> None:
+    """W curves (left) and the critic's final weight histograms (right) per clip value."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    at_bound = {}
-    for c, arm in clip_arms(results).items():
-        curve = results[arm]["curves"].get("critic/wasserstein", [])
-        left.plot([s for _, s, _ in curve], [v for _, _, v in curve], label=f"c = {c}", linewidth=0.8)
-        w = critic_weights(results[arm]["dir"])
-        at_bound[c] = float((w.abs() >= 0.99 * c).double().mean())
-        right.hist((w / c).numpy(), bins=60, histtype="step", label=f"c = {c}", density=True)
+    edges = torch.linspace(-1, 1, HIST_BINS + 1).tolist()
+    for c, arm in clip_arms(arms).items():
+        left.plot(arms[arm]["loss"]["step"], arms[arm]["loss"]["value"], label=f"c = {c}", linewidth=0.8)
+        counts = arms[arm]["critic_weights"]["hist"]
+        density = [n / (sum(counts) * (edges[1] - edges[0])) for n in counts]
+        right.stairs(density, edges, label=f"c = {c}")
     left.set(xlabel="generator step", ylabel="W estimate", yscale="symlog", title="W estimate per clip value")
     right.set(xlabel="critic weight / c", ylabel="density", yscale="log", title="critic weights at the end")
     left.legend()
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return at_bound
+    save(fig, path)
 
 
-def figure_over_time(results: dict[str, dict[str, Any]], arms: list[str], path: Path) -> None:
+def figure_over_time(arms: dict[str, Any], names: list[str], path: Path) -> None:
     """fd_classifier against wall-clock minutes of training."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in arms:
-        if arm in results:
-            minutes, fds = over_time(results[arm]["curves"])
-            ax.plot(minutes, fds, marker=".", label=arm)
+    for name in names:
+        if name in arms:
+            ax.plot(arms[name]["fd_over_time"]["minutes"], arms[name]["fd_over_time"]["value"], marker=".",
+                    label=name)
     ax.set(xlabel="wall-clock minutes of training", ylabel="fd_classifier (lower is better)", yscale="log")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save(fig, path)
 
 
-def over_time(curves: dict[str, list[tuple[float, int, float]]], tag: str = "metrics/fd_classifier"
-              ) -> tuple[list[float], list[float]]:
-    """(minutes since the first score, value) of a scored metric."""
-    points = curves.get(tag, [])
-    if not points:
-        return [], []
-    start = points[0][0]
-    return [(t - start) / 60 for t, _, _ in points], [v for _, _, v in points]
+def cells(arms: dict[str, Any], arm: str) -> str:
+    """An arm's row cells: its final scores and generator steps."""
+    if arm not in arms:
+        return "not run | | |"
+    m = arms[arm]["scores"]
+    return f"{m['fd_classifier']:.1f} | {m['coverage']:.3f} | {m['kid']:.4f} | {arms[arm]['gen_steps']:,}"
 
 
-def _row(results: dict[str, dict[str, Any]], arm: str, label: str) -> str:
-    if arm not in results:
-        return f"| {label} | not run | | | |"
-    r = results[arm]
-    m = r["eval"]["metrics"]
-    return (f"| {label} | {m['fd_classifier']:.1f} | {m['coverage']:.3f} | {m['kid']:.4f} | {r['steps']:,} |")
-
-
-def _verdict(ok: bool | None, yes: str, no: str, missing: str = "not measured (arms missing)") -> str:
-    return missing if ok is None else (yes if ok else no)
-
-
-def _rho_verdict(rho: float, ok: bool, arm: str, results: dict[str, dict[str, Any]], yes: str, no: str) -> str:
+def _rho_verdict(rho: float, ok: bool, arm: str, arms: dict[str, Any], yes: str, no: str) -> str:
     """A verdict on a Spearman rho; nan when the arm is missing or has fewer than 3 (loss, score) pairs."""
-    if arm not in results:
+    if arm not in arms:
         return f"not measured ({arm} missing)."
     if math.isnan(rho):
         return (f"not measured ({arm} has fewer than 3 scores with loss log points before them: train longer, "
@@ -333,132 +389,134 @@ def robustness(fd: dict[str, float], cov: dict[str, float]) -> str:
     return text
 
 
-def report(cfg: StudyConfig, machine: str, extra: list[str] = ()) -> Path:
-    """Write <out>/paper.md and its figures from the finished arms."""
-    results = load(cfg)
-    out = Path(cfg.out)
+def fields(data: dict[str, Any]) -> dict[str, str]:
+    """The page's placeholders, every verdict computed from the data file's numbers."""
+    arms, study, b = data["arms"], data["study"], data["study"]["budget"]
+    fd = {a: r["scores"]["fd_classifier"] for a, r in arms.items()}
+    cov = {a: r["scores"]["coverage"] for a, r in arms.items()}
+    w_rho, g_rho = rho(arms, "wgan_dcgan"), rho(arms, "gan_dcgan")
+    clips = clip_arms(arms)
+    bound = {c: arms[a]["critic_weights"]["at_bound"] for c, a in clips.items()}
+    best, most, least = (min(clips, key=lambda c: fd[clips[c]]), max(bound, key=bound.get),
+                         min(bound, key=bound.get)) if clips else (None, None, None)
+    gp = fd["wgan_gp"] < fd["wgan_dcgan"] if {"wgan_dcgan", "wgan_gp"} <= arms.keys() else None
+    return {
+        **{arm: cells(arms, arm) for arm in ARMS}, **{k: str(v) for k, v in study.items() if k != "budget"},
+        **{k: f"{v:g}" for k, v in b.items()}, "threads": str(b["cpu_threads"] or "all"),
+        "w_rho": f"{w_rho:.2f}", "g_rho": f"{g_rho:.2f}",
+        "rho_verdict": _rho_verdict(w_rho, w_rho > 0.5, "wgan_dcgan", arms,
+                                    f"the W estimate tracked quality (rho {w_rho:.2f} > 0.5), as the paper says.",
+                                    f"the W estimate did not track quality well here (rho {w_rho:.2f} <= 0.5), "
+                                    "against the paper.")
+        + " " + _rho_verdict(g_rho, abs(g_rho) < 0.5, "gan_dcgan", arms,
+                             f"The GAN's JS estimate did not (rho {g_rho:.2f}), as the paper says.",
+                             f"The GAN's JS estimate tracked it too (rho {g_rho:.2f} >= 0.5): in runs this short "
+                             "the paper's contrast did not show."),
+        "robustness": robustness(fd, cov),
+        "clip_rows": "\n".join(f"| {c} | {a} | {fd[a]:.1f} | {cov[a]:.3f} | {100 * bound[c]:.1f} % | "
+                               f"{arms[a]['gen_steps']:,} |" for c, a in clips.items()),
+        "clip_verdict": "not measured (arms missing)." if best is None else (
+            f"c = {best} scored best ({fd[clips[best]]:.1f}); {100 * bound[most]:.0f} % of the critic's weights sat "
+            f"at the bound at the most (c = {most}), {100 * bound[least]:.0f} % at the least (c = {least})."),
+        "gp_verdict": "not measured (arms missing)." if gp is None else (
+            "the gradient penalty reached the better score in the same time, as Gulrajani et al. report." if gp else
+            "weight clipping reached the better score in the same time: the penalty's double backward costs steps "
+            "on a CPU, and this budget did not recover them."),
+    }
+
+
+# The page. Its paragraphs are single lines in the output, as the report has always been written.
+PAGE = Template("""\
+# The paper's claims, reproduced on Fashion-MNIST
+
+Arjovsky, Chintala & Bottou (2017), arXiv:1701.07875, checked on a CPU. Written by
+
+    $command
+
+on $machine ($cores cores), torch $torch. Every arm trained for $minutes minutes of wall-clock time ($threads \
+torch threads), one arm at a time; scores during training every $metric_seconds s on $n_samples samples against \
+training images; the tables' scores are `python -m wgan_lit.evaluate` of each arm's `last.ckpt` ($eval_samples \
+samples, the test set). Shared settings of every arm: DCGAN networks of width 32 at 28 x 28, batch 64, float32 \
+(`wgan_lit/study.py`, `BASE`). WGAN arms: RMSprop 2e-4, n_critic 5, c = 0.01 unless the arm says otherwise (the \
+paper's rate, 5e-5, learns little in minutes on a CPU). Standard GAN arms: `model=gan` (Adam 2e-4, betas (0.5, \
+0.999), one D step per G step). Gradient penalty: `model=wgan_gp` (lambda 10, Adam 1e-4, betas (0, 0.9), no \
+critic BatchNorm). Nothing is tuned per arm. One run per arm and seed 0: differences of a few fd points are within \
+run-to-run noise. The numbers of this page and of its figures are in `paper_data.json`, beside it.
+
+## 1. A meaningful loss (paper Fig. 3-4)
+
+![loss against sample quality](paper_meaningful_loss.png)
+
+Spearman correlation, over the scores during training, between the loss (averaged since the previous score) and \
+`fd_classifier`. The paper's claim: the WGAN critic's estimate falls as the samples improve (rho near 1); the \
+standard GAN's JS estimate does not track quality.
+
+| arm | loss | Spearman rho with fd_classifier |
+|---|---|---|
+| wgan_dcgan | W estimate | $w_rho |
+| gan_dcgan | JS estimate | $g_rho |
+
+Here: $rho_verdict
+
+## 2. Robustness to the generator's architecture (paper Fig. 5-6)
+
+| arm | fd_classifier | coverage | kid | generator steps |
+|---|---|---|---|---|
+| WGAN, DCGAN | $wgan_dcgan |
+| WGAN, no BatchNorm | $wgan_nobn |
+| WGAN, MLP (4 x 512) | $wgan_mlp |
+| GAN, DCGAN | $gan_dcgan |
+| GAN, no BatchNorm | $gan_nobn |
+| GAN, MLP (4 x 512) | $gan_mlp |
+
+![samples per arm](paper_architectures.png)
+
+The paper's claim: WGAN trains with all three generators, the standard GAN fails (collapses or makes poor \
+samples) without BatchNorm or with the MLP. Here: $robustness
+
+## 3. The clip value (paper Sec. 3; Gulrajani et al. 2017, Fig. 1)
+
+| c | arm | fd_classifier | coverage | critic weights at +-c | generator steps |
+|---|---|---|---|---|---|
+$clip_rows
+
+![W curves and weight histograms per clip value](paper_clip.png)
+
+The paper: a large c makes the critic slow to reach its optimum, a small c gives vanishing gradients; Gulrajani \
+et al. show the weights piling up at +-c. Here: $clip_verdict
+
+## 4. Weight clipping vs gradient penalty at the same budget
+
+| arm | fd_classifier | coverage | kid | generator steps |
+|---|---|---|---|---|
+| weight clipping (c = 0.01, RMSprop 2e-4, critic BatchNorm) | $wgan_dcgan |
+| gradient penalty (lambda 10, Adam 1e-4, no critic BatchNorm) | $wgan_gp |
+
+![fd_classifier over wall-clock time](paper_clip_vs_gp.png)
+
+Here: $gp_verdict
+
+## Reproduce
+
+    python -m wgan_lit.study                    # every arm, then paper_data.json and this page; finished arms reused
+    python -m wgan_lit.study report_only=true   # paper_data.json and this page from the finished arms
+    python -m wgan_lit.study render=docs/paper_data.json out=docs   # this page and its figures from the data alone
+
+`notebooks/paper_study.ipynb` draws the same figures from `paper_data.json` or from a study's run directories.
+""")
+
+
+def render(data: dict[str, Any], out: Path) -> Path:
+    """Write <out>/paper.md and its figures from a data file's contents, and nothing else."""
+    page = PAGE.substitute(fields(data))  # first: a data file that lacks a number fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    rho = figure_meaningful_loss(results, out / "paper_meaningful_loss.png")
-    figure_samples(results, out / "paper_architectures.png")
-    at_bound = figure_clip(results, out / "paper_clip.png")
-    figure_over_time(results, ["wgan_dcgan", "wgan_gp"], out / "paper_clip_vs_gp.png")
-    fd = {a: r["eval"]["metrics"]["fd_classifier"] for a, r in results.items()}
-    cov = {a: r["eval"]["metrics"]["coverage"] for a, r in results.items()}
-    head = "| arm | fd_classifier | coverage | kid | generator steps |\n|---|---|---|---|---|"
-
-    def both(*arms: str) -> bool:
-        return all(a in results for a in arms)
-
-    w_rho, g_rho = rho.get("wgan_dcgan", math.nan), rho.get("gan_dcgan", math.nan)
-    clips = clip_arms(results)
-    best_c = min(clips, key=lambda c: fd[clips[c]]) if clips else None
-    lines = [
-        "# The paper's claims, reproduced on Fashion-MNIST",
-        "",
-        "Arjovsky, Chintala & Bottou (2017), arXiv:1701.07875, checked on a 2-core CPU. Written by",
-        "",
-        "    " + " ".join(["python -m wgan_lit.study", *cli_args(cfg), *(["--", *extra] if extra else [])]),
-        "",
-        f"on {machine}. Every arm trained for {cfg.minutes:g} minutes of wall-clock time "
-        f"({cfg.cpu_threads or 'all'} torch threads), one arm at a time; scores during training every "
-        f"{cfg.metric_seconds:g} s on {cfg.n_samples} samples against training images; the tables' scores are "
-        f"`python -m wgan_lit.evaluate` of each arm's `last.ckpt` ({cfg.eval_samples} samples, the test set). "
-        "Shared settings of every arm: DCGAN networks of width 32 at 28 x 28, batch 64, float32 "
-        "(`wgan_lit/study.py`, `BASE`). WGAN arms: RMSprop 2e-4, n_critic 5, c = 0.01 unless the arm says "
-        "otherwise (the paper's rate, 5e-5, learns little in minutes on a CPU). Standard GAN arms: `model=gan` "
-        "(Adam 2e-4, betas (0.5, 0.999), one D step per G step). Gradient penalty: `model=wgan_gp` "
-        "(lambda 10, Adam 1e-4, betas (0, 0.9), no critic BatchNorm). Nothing is tuned per arm. One run per arm "
-        "and seed 0: differences of a few fd points are within run-to-run noise.",
-        "",
-        "## 1. A meaningful loss (paper Fig. 3-4)",
-        "",
-        "![loss against sample quality](paper_meaningful_loss.png)",
-        "",
-        "Spearman correlation, over the scores during training, between the loss (averaged since the previous "
-        "score) and `fd_classifier`. The paper's claim: the WGAN critic's estimate falls as the samples improve "
-        "(rho near 1); the standard GAN's JS estimate does not track quality.",
-        "",
-        "| arm | loss | Spearman rho with fd_classifier |",
-        "|---|---|---|",
-        f"| wgan_dcgan | W estimate | {w_rho:.2f} |",
-        f"| gan_dcgan | JS estimate | {g_rho:.2f} |",
-        "",
-        "Here: " + _rho_verdict(w_rho, w_rho > 0.5, "wgan_dcgan", results,
-                                f"the W estimate tracked quality (rho {w_rho:.2f} > 0.5), as the paper says.",
-                                f"the W estimate did not track quality well here (rho {w_rho:.2f} <= 0.5), "
-                                "against the paper."),
-        " " + _rho_verdict(g_rho, abs(g_rho) < 0.5, "gan_dcgan", results,
-                           f"The GAN's JS estimate did not (rho {g_rho:.2f}), as the paper says.",
-                           f"The GAN's JS estimate tracked it too (rho {g_rho:.2f} >= 0.5): in runs this short "
-                           "the paper's contrast did not show."),
-        "",
-        "## 2. Robustness to the generator's architecture (paper Fig. 5-6)",
-        "",
-        head,
-        *[_row(results, f"{loss}_{arch}", f"{'WGAN' if loss == 'wgan' else 'GAN'}, {label}")
-          for loss in ("wgan", "gan") for arch, label in ARCHITECTURES.items()],
-        "",
-        "![samples per arm](paper_architectures.png)",
-        "",
-        "The paper's claim: WGAN trains with all three generators, the standard GAN fails (collapses or makes "
-        "poor samples) without BatchNorm or with the MLP. Here: " + robustness(fd, cov),
-        "",
-        "## 3. The clip value (paper Sec. 3; Gulrajani et al. 2017, Fig. 1)",
-        "",
-        "| c | arm | fd_classifier | coverage | critic weights at +-c | generator steps |",
-        "|---|---|---|---|---|---|",
-        *[f"| {c} | {a} | {fd[a]:.1f} | {cov[a]:.3f} | {100 * at_bound[c]:.1f} % | {results[a]['steps']:,} |"
-          for c, a in clips.items()],
-        "",
-        "![W curves and weight histograms per clip value](paper_clip.png)",
-        "",
-        "The paper: a large c makes the critic slow to reach its optimum, a small c gives vanishing "
-        "gradients; Gulrajani et al. show the weights piling up at +-c. Here: "
-        + (f"c = {best_c} scored best ({fd[clips[best_c]]:.1f}); " if best_c is not None else "")
-        + (f"{100 * max(at_bound.values()):.0f} % of the critic's weights sat at the bound at the most "
-           f"(c = {max(at_bound, key=at_bound.get)}), {100 * min(at_bound.values()):.0f} % at the least "
-           f"(c = {min(at_bound, key=at_bound.get)})." if at_bound else "not measured (arms missing)."),
-        "",
-        "## 4. Weight clipping vs gradient penalty at the same budget",
-        "",
-        head,
-        _row(results, "wgan_dcgan", "weight clipping (c = 0.01, RMSprop 2e-4, critic BatchNorm)"),
-        _row(results, "wgan_gp", "gradient penalty (lambda 10, Adam 1e-4, no critic BatchNorm)"),
-        "",
-        "![fd_classifier over wall-clock time](paper_clip_vs_gp.png)",
-        "",
-        "Here: " + _verdict(None if not both("wgan_dcgan", "wgan_gp") else fd["wgan_gp"] < fd["wgan_dcgan"],
-                            "the gradient penalty reached the better score in the same time, as Gulrajani et "
-                            "al. report.",
-                            "weight clipping reached the better score in the same time: the penalty's double "
-                            "backward costs steps on a CPU, and this budget did not recover them."),
-        "",
-        "## Reproduce",
-        "",
-        "    python -m wgan_lit.study                  # every arm, then this page; finished arms are reused",
-        "    python -m wgan_lit.study report_only=true # rewrite this page from the finished arms",
-        "",
-        "`notebooks/paper_study.ipynb` reads the same run directories and draws the figures.",
-        "",
-    ]
-    path = out / "paper.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def cli_args(cfg: StudyConfig) -> list[str]:
-    """The non-default keys of ``cfg`` as key=value words, for the page's command line."""
-    default = StudyConfig()
-    return [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-            if getattr(cfg, f.name) != getattr(default, f.name) and f.name != "report_only"]
-
-
-def machine() -> str:
-    import os
-
-    from wgan_lit.fast_path import cpu_name
-
-    return f"{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}"
+    arms = data["arms"]
+    figure_meaningful_loss(arms, out / "paper_meaningful_loss.png")
+    figure_samples(arms, out / "paper_architectures.png")
+    figure_clip(arms, out / "paper_clip.png")
+    figure_over_time(arms, ["wgan_dcgan", "wgan_gp"], out / "paper_clip_vs_gp.png")
+    (out / "paper.md").write_text(page)
+    return out / "paper.md"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,10 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(StudyConfig, own, prog="wgan_lit.study",
                     doc=__doc__ + "\nArms:\n" + "\n".join(f"  {a}: {' '.join(o)}" for a, o in ARMS.items()),
                     check=check)
-    if not cfg.report_only:
-        for name in selected(cfg):
-            run_arm(name, cfg, extra)
-    print(f"[study] wrote {report(cfg, machine(), extra)}", flush=True)
+    if cfg.render:
+        data = read_data(cfg.render)
+    else:
+        if not cfg.report_only:
+            for name in selected(cfg):
+                run_arm(name, cfg, extra)
+        data = read_data(write_data(collect(cfg, extra), Path(cfg.out) / "paper_data.json"))
+    print(f"[study] wrote {render(data, Path(cfg.out))}", flush=True)
     return 0
 
 
