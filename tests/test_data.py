@@ -21,14 +21,17 @@ from PIL import Image
 import wgan_lit.image_cache as cache_mod
 from tests.conftest import (
     REPO,
+    assert_same_training_state,
     cache_files,
     idx_bytes,
+    load,
     make_celeba,
     make_folder,
     picture,
+    tiny_config,
     write_fake_fashion_mnist,
 )
-from wgan_lit.config import ConfigError, DataConfig, DataError, register_configs, validate
+from wgan_lit.config import ConfigError, DataConfig, DataError, TrainConfig, register_configs, validate
 from wgan_lit.data import (
     CachedImages,
     CelebADataModule,
@@ -41,6 +44,7 @@ from wgan_lit.data import (
     to_unit_range,
 )
 from wgan_lit.image_files import SkippedFilesWarning, decode_image
+from wgan_lit.train import train
 
 # Tests that expect the skipped-file warning assert it with pytest.warns; elsewhere it is just noise.
 pytestmark = [pytest.mark.usefixtures("no_system_copy"),
@@ -461,3 +465,35 @@ def test_missing_celeba_on_the_command_line_is_one_message_and_exit_code_2(tmp_p
     assert proc.returncode == 2
     assert "CelebA not found" in proc.stderr and "list_eval_partition.txt" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------- resuming a run
+
+
+@pytest.mark.parametrize("limit", [None, 2], ids=["whole-epochs", "limit_train_batches=2"])
+@pytest.mark.parametrize("stop", [2, 1], ids=["stop-at-epoch-end", "stop-mid-epoch"])
+def test_a_run_stopped_at_or_before_an_epoch_end_resumes_exactly(tmp_path, limit, stop):
+    """Two epochs straight against the same run stopped at the first epoch's last batch (or mid-epoch) and
+    resumed: the resumed second epoch reads that epoch's order from its start, also when
+    trainer.limit_train_batches ends Lightning's epoch before the loader's pass ends."""
+    # 2 batches of 16 per epoch, one generator step each (n_critic=1): the whole pass of 32 images, or the
+    # first 2 batches of a pass of 4
+    data = write_fake_fashion_mnist(tmp_path / "fmnist", n_train=64 if limit else 32)
+
+    def config(max_gen_steps: int, ckpt_path: str = "") -> TrainConfig:
+        cfg = tiny_config(data, max_gen_steps, ckpt_path, n_critic=1,
+                          logger={"log_every_n_gen_steps": 100, "sample_every_n_gen_steps": 0})
+        if limit:
+            cfg.trainer["limit_train_batches"] = limit
+        return cfg
+
+    train(config(4), tmp_path / "straight")
+    train(config(stop), tmp_path / "run")
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    assert load(last)["wgan_counters"]["gen_step"] == stop
+    train(config(4, str(last)), tmp_path / "run")
+
+    a, b = load(tmp_path / "straight/checkpoints/last.ckpt"), load(last)
+    assert a["wgan_counters"]["gen_step"] == 4
+    assert a["epoch"] == b["epoch"] == 1 and a["global_step"] == b["global_step"]
+    assert_same_training_state(a, b)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,15 @@ class ResumableLoader(StatefulDataLoader):
     - the sampler's epoch: Lightning builds a resumed run's iterator (and restores the position in it) before
       it calls ``set_epoch``, so the position would be taken in epoch 0's order;
     - a pass whose batches were all served is saved as the start of the next one: restored as it is, a resume
-      from the last batch of an epoch skipped the whole next epoch.
+      from the last batch of an epoch skipped the whole next epoch. "All" is what the consumer takes from a
+      pass, ``batches_per_pass()``: the loader cannot see that trainer.limit_train_batches ends Lightning's
+      epoch early, and Lightning, which then resumes with the next epoch, restores the loader's mid-pass
+      position into it (the resumed epoch read the rest of the previous epoch's order).
     """
+
+    def __init__(self, *args: Any, batches_per_pass: Callable[[], float] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_per_pass = batches_per_pass
 
     def _epoch(self) -> int | None:
         return next((s.epoch for s in (self.sampler, getattr(self.batch_sampler, "sampler", None))
@@ -93,7 +101,8 @@ class ResumableLoader(StatefulDataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         state, epoch = super().state_dict(), self._epoch()
-        if epoch is not None and state.get("_num_yielded", 0) >= len(self):
+        served = min(len(self), self.batches_per_pass()) if self.batches_per_pass else len(self)
+        if epoch is not None and state.get("_num_yielded", 0) >= served:
             return {"sampler_epoch": epoch + 1}  # no position: the next iterator starts a new pass
         return {**state, "sampler_epoch": epoch}
 
@@ -156,6 +165,8 @@ class InMemoryDataModule(L.LightningDataModule):
             num_workers=self.cfg.num_workers,
             pin_memory=torch.cuda.is_available() and self.images.device.type == "cpu",
             persistent_workers=self.cfg.num_workers > 0,
+            # inf until Lightning's fit loop has measured the epoch; then the batches it takes, per rank
+            batches_per_pass=lambda: self.trainer.num_training_batches if self.trainer else float("inf"),
         )
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
