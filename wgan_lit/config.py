@@ -134,8 +134,7 @@ class TrainConfig:
     checkpoint_every_n_epochs: int = 1  # periodic checkpoints; last.ckpt is always kept
     checkpoint_every_n_gen_steps: int = 500  # also rewrite last.ckpt this often (crash safety); 0 = off
     ckpt_path: str = ""  # resume exactly from this checkpoint (e.g. <run>/checkpoints/last.ckpt)
-    # torch.set_num_threads; 0 = torch's default (one per core). On a CPU shared with other jobs, 1 avoids
-    # OpenMP threads spin-waiting for a core (measured up to 10x slower with 2 threads; docs/speed.md).
+    # torch.set_num_threads; 0 = torch's default (one per core); 1 on a CPU shared with other jobs (docs/speed.md)
     cpu_threads: int = 0
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
