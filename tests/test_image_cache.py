@@ -223,7 +223,7 @@ def test_leftovers_of_a_killed_build_are_removed_by_the_next_build(celeba):
     spec = CacheSpec("celeba", "train", 32, 0)
     path = cache_path(celeba / ".wgan_cache", source, files, spec)
     path.parent.mkdir()
-    leftovers = [path.with_name(f"{path.name}.partial-99999"), path.with_name(f"{path.stem}.json.partial-99999")]
+    leftovers = [path.with_name(f"{path.name}.tmp-99999"), path.with_name(f"{path.stem}.json.tmp-99999")]
     for f in leftovers:
         f.write_bytes(b"half a cache")
     assert ensure_cache(files, source, spec, celeba / ".wgan_cache") == path
@@ -254,7 +254,7 @@ def test_a_build_killed_half_way_is_never_used_and_is_cleaned_up(celeba):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):  # until the build has started writing
-            if list(cache.glob("*.partial-*")) or proc.poll() is not None:
+            if list(cache.glob("*.tmp-*")) or proc.poll() is not None:
                 break
             time.sleep(0.1)
         time.sleep(0.5)
@@ -262,13 +262,13 @@ def test_a_build_killed_half_way_is_never_used_and_is_cleaned_up(celeba):
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
-    partial = list(cache.glob("*.npy.partial-*"))
+    partial = list(cache.glob("*.npy.tmp-*"))
     assert partial and not cache_files(cache)  # killed mid-write: a partial file, no finished cache
 
     with pytest.warns(SkippedFilesWarning):
         path, images = cached(celeba)
-    assert images.shape == (33, 3, 32, 32) and path.name + ".partial-" in partial[0].name
-    assert not list(cache.glob("*.partial-*"))  # the killed build's leftovers are removed
+    assert images.shape == (33, 3, 32, 32) and path.name + ".tmp-" in partial[0].name
+    assert not list(cache.glob("*.tmp-*"))  # the killed build's leftovers are removed
 
 
 # ----------------------------------------------------------------------------------------------- parallel builds

@@ -4,6 +4,7 @@
   (ModelCheckpoint, ``last.ckpt`` of LastCheckpoint) goes to a temporary file in the
   same folder, is flushed and fsync'ed, then renamed over the target. A process killed mid-write leaves
   the old file intact and at most a stray ``*.tmp-<pid>`` file, never a truncated ``last.ckpt``.
+  That write is :func:`atomic_write`, the one every file written whole goes through (samples, caches).
 - :func:`read_checkpoint` opens a file given for resume or generation and turns every way it can be wrong
   (missing, a folder, truncated, not a checkpoint, not this project's) into one :class:`CheckpointError`
   naming the file; :func:`check_resumable` also checks that its weights and optimizer state fit the model the
@@ -16,6 +17,8 @@ import dataclasses
 import os
 import pickle
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +33,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file and what to do."""
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to ``path`` through a fsync'ed temporary file and a rename: all or nothing."""
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` all or nothing: yields a temporary path beside it to write (by name, so a memory map or
+    a zip archive fits as well as a stream); when the block ends without an error, that file is fsync'ed and
+    renamed over ``path``, then the folder is fsync'ed. On an error the temporary file is removed and ``path``
+    is left as it was. The name ``<name>.tmp-<pid>`` is what :func:`remove_stale_temporaries` looks for."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync(os.open(tmp, os.O_RDWR))  # the writer has closed it; Windows fsyncs only a writable handle
         os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one file system
     finally:
         tmp.unlink(missing_ok=True)
@@ -47,10 +52,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         fd = os.open(path.parent, os.O_RDONLY)
     except OSError:  # not possible on every OS (e.g. Windows); the rename is still atomic
         return
+    _fsync(fd)
+
+
+def _fsync(fd: int) -> None:
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to ``path`` through :func:`atomic_write`: all or nothing."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -34,7 +34,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from wgan_lit import cli
-from wgan_lit.checkpointing import CheckpointError, atomic_torch_save, read_checkpoint
+from wgan_lit.checkpointing import CheckpointError, atomic_torch_save, atomic_write, read_checkpoint
 from wgan_lit.module import WGAN
 
 FORMATS = (".png", ".gif", ".pt", ".npz")
@@ -125,16 +125,12 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 
 def write_npz(parts: Iterator[torch.Tensor], shape: tuple[int, ...], out: Path) -> None:
     """An .npz with one float32 array ``samples`` of ``shape``, written part by part (never all in memory)."""
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("samples.npy", "w", force_zip64=True) as f:
-                f.write(_npy_header(shape))
-                for part in parts:
-                    f.write(part.numpy().astype("<f4", copy=False).tobytes())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (atomic_write(out) as tmp,  # the archive is closed (complete) before it is renamed
+          zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+          zf.open("samples.npy", "w", force_zip64=True) as f):
+        f.write(_npy_header(shape))
+        for part in parts:
+            f.write(part.numpy().astype("<f4", copy=False).tobytes())
 
 
 def write_pt(parts: Iterator[torch.Tensor], shape: tuple[int, ...], out: Path) -> None:

@@ -30,6 +30,7 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from wgan_lit.checkpointing import atomic_write
 from wgan_lit.config import DataError
 from wgan_lit.image_files import SkippedFilesWarning, decode_image
 
@@ -109,39 +110,34 @@ def build_cache(files: list[Path], path: Path, spec: CacheSpec, source: Path, wo
     """
     workers = workers or _cpu_count()
     s = spec.image_size
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     skipped: list[tuple[str, str]] = []
     n = 0
     try:
         # Written in order (not through a memmap), so a full disk raises OSError instead of killing us with SIGBUS.
-        with open(tmp, "wb") as f:
-            f.write(bytes(_NPY_HEADER_BYTES))  # the header goes here once the count of good images is known
-            with closing(_decoded(files, s, spec.center_crop, workers)) as results:
-                progress = tqdm(results, total=len(files), desc=f"Caching {spec.dataset} at {s}px", unit="img",
-                                mininterval=1.0)
-                for f_in, result in zip(files, progress, strict=True):
-                    if isinstance(result, str):
-                        skipped.append((f_in.relative_to(source).as_posix(), result))
-                    else:
-                        f.write(result.data)
-                        n += 1
-            if n == 0:
-                raise DataError(f"None of the {len(files)} image files under {source} could be decoded (e.g. "
-                                f"{skipped[0][0]}: {skipped[0][1]}); they are not images or are all corrupt.")
-            f.seek(0)
-            f.write(_npy_header((n, 3, s, s)))
-            f.flush()
-            os.fsync(f.fileno())
-        manifest = {"source": str(source.resolve()), "images": n, "files": len(files), **asdict(spec),
-                    "skipped": [{"file": name, "error": why} for name, why in skipped]}
-        _write_atomically(path.with_suffix(".json"), json.dumps(manifest, indent=1).encode())
-        os.replace(tmp, path)  # the finished name appears only now, complete
-        _fsync_dir(path.parent)
+        with atomic_write(path) as tmp:  # the .npy's name appears only after its manifest's
+            with open(tmp, "wb") as f:
+                f.write(bytes(_NPY_HEADER_BYTES))  # the header goes here once the count of good images is known
+                with closing(_decoded(files, s, spec.center_crop, workers)) as results:
+                    progress = tqdm(results, total=len(files), desc=f"Caching {spec.dataset} at {s}px", unit="img",
+                                    mininterval=1.0)
+                    for f_in, result in zip(files, progress, strict=True):
+                        if isinstance(result, str):
+                            skipped.append((f_in.relative_to(source).as_posix(), result))
+                        else:
+                            f.write(result.data)
+                            n += 1
+                if n == 0:
+                    raise DataError(f"None of the {len(files)} image files under {source} could be decoded (e.g. "
+                                    f"{skipped[0][0]}: {skipped[0][1]}); they are not images or are all corrupt.")
+                f.seek(0)
+                f.write(_npy_header((n, 3, s, s)))
+            manifest = {"source": str(source.resolve()), "images": n, "files": len(files), **asdict(spec),
+                        "skipped": [{"file": name, "error": why} for name, why in skipped]}
+            with atomic_write(path.with_suffix(".json")) as tmp_json:
+                tmp_json.write_text(json.dumps(manifest, indent=1))
     except OSError as err:
         raise DataError(f"Writing the decoded-image cache {path} failed ({err}); free some space there or set "
                         "data.cache_dir=ANOTHER_FOLDER.") from err
-    finally:
-        tmp.unlink(missing_ok=True)
     if skipped:
         warnings.warn(_skipped_message(skipped, len(files), source), SkippedFilesWarning, stacklevel=2)
     return manifest
@@ -152,29 +148,6 @@ def _skipped_message(skipped: list[tuple[str, str]], total: int, source: Path) -
     more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
     return (f"Skipped {len(skipped)} of {total} image files under {source} that could not be decoded: "
             f"{examples}{more}. Training uses the other {total - len(skipped)}.")
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); not possible, nor needed, on Windows."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _cpu_count() -> int:
@@ -206,7 +179,7 @@ def ensure_cache(files: list[Path], source: Path, spec: CacheSpec, cache_dir: Pa
     try:
         if path.is_file():
             return path  # built by the process we waited for
-        for old in cache_dir.glob(f"{path.stem}.*.partial-*"):
+        for old in cache_dir.glob(f"{path.stem}.*.tmp-*"):
             old.unlink(missing_ok=True)  # left by a killed build of this key; we hold its lock: none runs
         log.info("Decoding %d images from %s into %s (once; later runs read the cache)",
                  len(files), source, path)
