@@ -12,7 +12,6 @@ refused.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from torch import nn
 
 from wgan_lit import cli
 from wgan_lit.checkpointing import atomic_torch_save
-from wgan_lit.config import DataError
+from wgan_lit.config import DataError, user_cache_dir
 from wgan_lit.data import to_unit_range
 from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
 
@@ -48,9 +47,8 @@ FORMAT_VERSION = 1
 
 
 def default_path() -> Path:
-    """Where the trained classifier is cached: ``$WGAN_LIT_CACHE`` or ``~/.cache/wgan_lit``."""
-    cache = os.environ.get("WGAN_LIT_CACHE") or Path.home() / ".cache" / "wgan_lit"
-    return Path(cache) / "fmnist_classifier.pt"
+    """Where the trained classifier is cached: in :func:`~wgan_lit.config.user_cache_dir`."""
+    return user_cache_dir() / "fmnist_classifier.pt"
 
 
 class ClassifierError(RuntimeError):

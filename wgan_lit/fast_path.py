@@ -36,7 +36,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from wgan_lit.config import TrainConfig
+from wgan_lit.checkpointing import atomic_write
+from wgan_lit.config import TrainConfig, user_cache_dir
 from wgan_lit.data import InMemoryImages, pass_through
 
 log = logging.getLogger("wgan_lit.fast_path")
@@ -195,7 +196,7 @@ def workload_key(cfg: TrainConfig, channels: int) -> str:
 def cache_path(configured: str) -> Path:
     if configured:
         return Path(configured)
-    return Path(os.environ.get("WGAN_LIT_CACHE") or Path.home() / ".cache" / "wgan_lit") / "fast_path.json"
+    return user_cache_dir() / "fast_path.json"
 
 
 def apply(cfg: TrainConfig, cand: Candidate) -> TrainConfig:
@@ -244,7 +245,8 @@ def resolve(cfg: TrainConfig, channels: int,
     log.info("fast path for %s:\n%s", machine, table(seconds, choice))
     cache.setdefault(machine, {})[work] = {"choice": dataclasses.asdict(choice), "compile_tried": fp.compile,
                                            "gen_it_per_s": {c.label(): 1 / s for c, s in seconds.items()}}
-    _write(path, cache)
+    with atomic_write(path) as tmp:  # a concurrent run reads the old file or the new one
+        tmp.write_text(json.dumps(cache, indent=2))
     return apply(cfg, choice)
 
 
@@ -253,10 +255,3 @@ def _read(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: probe again and rewrite it
         return {}
-
-
-def _write(path: Path, cache: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cache, indent=2))
-    os.replace(tmp, path)  # atomic: a concurrent run reads the old file or the new one
