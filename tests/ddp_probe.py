@@ -1,8 +1,9 @@
 """``python tests/ddp_probe.py [overrides]``: the real command line plus a callback that reports what each rank saw.
 
 Every rank (Lightning re-runs this file for ranks > 0) writes ``<run dir>/probe/rank<R>-<start step>.json``:
-hashes of the critic and generator parameters at the end, a fingerprint of every batch it trained on, a peek at
-its next noise when training starts, and its step counters. tests/test_train.py compares the ranks and runs.
+hashes of the critic and generator parameters at the end, a fingerprint of every batch it trained on, the dataset
+indices of every batch it was served, a peek at its next noise when training starts, and its step counters.
+tests/test_train.py and tests/test_ddp.py compare the ranks and runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
+import wgan_lit.data as data
 import wgan_lit.train as cli
 
 
@@ -27,9 +29,26 @@ def params_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+SERVED: list[list[int]] = []  # the dataset indices of each batch this process was served, in order
+
+
+def record_served_indices() -> None:
+    """Every data module's batches are one ``__getitems__`` call (num_workers=0: in this process); note them."""
+    real = data.InMemoryImages.__getitems__
+
+    def getitems(self: data.InMemoryImages, indices: list[int]) -> torch.Tensor:
+        SERVED.append([int(i) for i in indices])
+        return real(self, indices)
+
+    data.InMemoryImages.__getitems__ = getitems
+
+
 class Probe(L.Callback):
     def __init__(self) -> None:
-        self.report: dict[str, Any] = {"batches": []}
+        self.report: dict[str, Any] = {"batches": [], "indices": SERVED}
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        SERVED.clear()  # this job's batches only (a sweep runs several in one process); none is served before
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.report["start_gen_step"] = pl_module.gen_step
@@ -65,8 +84,6 @@ def train_with_probe(*args: Any, _train: Any = cli.train, **kwargs: Any) -> dict
 
 def nan_after(n_batches: int) -> None:
     """From batch ``n_batches + 1`` on, this process's batches are NaN (a divergence on one rank only)."""
-    import wgan_lit.data as data
-
     real, calls = data.to_unit_range, [0]
 
     def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
@@ -80,5 +97,6 @@ if __name__ == "__main__":
     # PROBE_NAN_RANK=R PROBE_NAN_AFTER=N: rank R's batches turn NaN after N (Lightning sets LOCAL_RANK for R > 0).
     if os.environ.get("PROBE_NAN_RANK") == os.environ.get("LOCAL_RANK", "0"):
         nan_after(int(os.environ["PROBE_NAN_AFTER"]))
+    record_served_indices()
     cli.train = train_with_probe  # main() looks train up at call time
     cli.main()

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.data import _set_sampler_epoch
-from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from wgan_lit.config import DataConfig, DataError
@@ -148,13 +148,12 @@ class InMemoryDataModule(L.LightningDataModule):
             raise DataError(f"data.batch_size={self.cfg.batch_size} is larger than the dataset "
                             f"({len(self.images)} images); lower data.batch_size.")
         dataset = self.dataset()
-        # The order of pass k is randperm seeded by (seed, k), as Lightning's DistributedSampler makes it under
-        # DDP (it replaces torch's RandomSampler there); on one process the same sampler with one replica.
-        if self.trainer is not None and self.trainer.world_size > 1:
-            sampler: Sampler = RandomSampler(dataset)
-        else:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, read so by Lightning too
-            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        # The order of pass k is randperm seeded by (seed, k). Under DDP rank r takes places r, r + world size, ...
+        # of it, and drop_last leaves the remainder out (the sampler Lightning puts in otherwise pads the pass
+        # with its first images, which then go to two ranks).
+        replicas = (self.trainer and self.trainer.distributed_sampler_kwargs) or {"num_replicas": 1, "rank": 0}
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by seed_everything, read so by Lightning too
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True, **replicas)
         return ResumableLoader(
             dataset,
             batch_size=self.cfg.batch_size,
