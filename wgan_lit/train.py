@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,6 +128,52 @@ def last_checkpoint_note(run_dir: str | Path) -> str:
             f"{resume_command(run_dir, last)} model.lr_d=... model.lr_g=...")
 
 
+# What torch.distributed raises in a collective (the all-reduce of a DDP backward, a barrier, a gather) once another
+# process of the run is gone: gloo's RuntimeError for the socket the dead process's kernel closed.
+_PEER_GONE = ("connection reset by peer", "connection closed by peer")
+
+
+def lost_process_reason(err: BaseException) -> str | None:
+    """torch.distributed's words for a process of the run that died, if ``err`` is that error."""
+    if not isinstance(err, RuntimeError):
+        return None
+    return next((f"torch.distributed: {words}" for words in _PEER_GONE if words in str(err).lower()), None)
+
+
+def lost_process_message(run_dir: str | Path, reason: str) -> str:
+    head = f"Error: a process of this distributed run died ({reason}); the run stopped."
+    if (found := _last_checkpoint(run_dir)) is None:
+        return f"{head}\nNo checkpoint had been written yet; nothing to resume."
+    last, step = found
+    return f"{head}\nLast checkpoint: {last} (generator step {step}). Resume with:\n  {resume_command(run_dir, last)}"
+
+
+class LostProcessReport(logging.Filter):
+    """Says :func:`lost_process_message` once, whoever learns of the death first: ``_main``, from the error of a
+    collective, or Lightning's launcher on rank 0. The launcher polls its child processes every 5 s and, finding
+    one killed, logs a line and then SIGKILLs this process, which can be before the error has reached ``_main``;
+    as a filter of that line, this says the message first, in its place."""
+
+    LAUNCHER_LOG = "lightning.fabric.strategies.launchers.subprocess_script"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        super().__init__()
+        self.run_dir, self.said, self._lock = run_dir, False, threading.Lock()
+
+    def say(self, reason: str) -> None:
+        with self._lock:  # the launcher's thread waits for this one's message, and the other way round
+            if not self.said:
+                log.error(lost_process_message(self.run_dir, reason))
+                self.said = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        killed = re.search(r"Child process with PID \d+ terminated with code -(\d+)", record.getMessage())
+        if killed is None:  # a child that exited with an error said so itself
+            return True
+        self.say(f"a child process was killed by signal {killed[1]}")
+        return False  # said instead
+
+
 def relaunch_ranks_as_this_job() -> None:
     """Under ``-m``, make Lightning's re-run of the command line this job alone, in this job's directory."""
     if not HydraConfig.initialized():
@@ -172,6 +220,9 @@ def _main(cfg: DictConfig) -> float | None:
     config = validate(cfg)  # already checked by main(); this builds the dataclasses
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     run_dir = HydraConfig.get().runtime.output_dir
+    lost = LostProcessReport(run_dir)
+    launcher_log = logging.getLogger(LostProcessReport.LAUNCHER_LOG)
+    launcher_log.addFilter(lost)
     try:
         with ddp_job():  # DDP ranks > 0 re-run this job, not the whole sweep
             metrics = train(config, run_dir)
@@ -185,6 +236,14 @@ def _main(cfg: DictConfig) -> float | None:
     except DivergenceError as err:
         log.error("Error: %s\n%s", err, last_checkpoint_note(run_dir))
         sys.exit(1)
+    except RuntimeError as err:
+        if (reason := lost_process_reason(err)) is None:
+            raise
+        lost.say(reason)  # by every process left: the dead one may be rank 0
+        sys.exit(1)
+    finally:
+        if not lost.said:  # once said, it keeps the launcher's line of the same death out until the exit
+            launcher_log.removeFilter(lost)
     log.info("Run directory: %s", run_dir)
     return metrics.get("W")
 
