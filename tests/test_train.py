@@ -424,7 +424,6 @@ def test_ddp_ranks_hold_identical_clipped_parameters_and_draw_their_own_noise(dd
     assert r0["end"] == r1["end"]  # critic and generator, bit for bit
     assert r0["noise"] != r1["noise"]  # each rank generates its own fakes
     assert r0["max_abs_critic"] <= clip + 1e-7 and r0["max_abs_critic"] > clip / 2  # clipped, to this job's c
-    assert not {tuple(b) for b in r0["batches"]} & {tuple(b) for b in r1["batches"]}  # disjoint shards
 
 
 @pytest.mark.slow
