@@ -209,6 +209,15 @@ def test_a_rho_without_enough_scores_is_not_called_a_missing_arm():
     assert study._rho_verdict(0.1, False, "wgan_dcgan", results, "yes", "no") == "no"
 
 
+def test_the_metrics_classifier_is_built_before_the_first_arm_not_in_its_budget(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(clf, "load_or_build", lambda path, root, **kw: events.append(("classifier", path, root)))
+    monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: events.append(("train",)) or 1)  # fails the arm
+    with pytest.raises(SystemExit):
+        study.main([f"runs={tmp_path}", "arms=wgan_gp", "--", "data.root=/data", "metrics.classifier_path=/c.pt"])
+    assert events == [("classifier", "/c.pt", "/data"), ("train",)]
+
+
 def test_bad_study_keys_are_refused_before_training(capsys, tmp_path):
     code, out, err = call(study.main, [f"runs={tmp_path}", "arms=wgan_dcgan,wgan_huge", "minutes=0"], capsys)
     assert_one_error(code, out, err, "arms=", "wgan_huge", "minutes=0", one_line=False)
