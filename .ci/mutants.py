@@ -18,9 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 MODULE = "wgan_lit/module.py"
 # (name, file, text, replacement): each text must occur exactly once.
 MUTANTS = [
-    ("critic arguments swapped", MODULE, "d_loss = critic_loss(real_scores, fake_scores)",
-     "d_loss = critic_loss(fake_scores, real_scores)"),
-    ("generator loss sign flipped", MODULE, "else generator_loss(fake_scores)", "else -generator_loss(fake_scores)"),
+    ("critic arguments swapped", MODULE, "LOSSES[hp.loss].critic(real_scores, fake_scores)",
+     "LOSSES[hp.loss].critic(fake_scores, real_scores)"),
+    ("generator loss sign flipped", MODULE, "g_loss = LOSSES[hp.loss].generator(fake_scores)",
+     "g_loss = -LOSSES[hp.loss].generator(fake_scores)"),
+    ("Wasserstein loss sign flipped", "wgan_lit/losses.py", "return -fake_scores.float().mean()",
+     "return fake_scores.float().mean()"),
     ("clamp at twice the bound", MODULE, "clamp_(self._critic_params, hp.clip_value)",
      "clamp_(self._critic_params, 2 * hp.clip_value)"),
     ("clamp skipped", MODULE, "clamp_(self._critic_params, hp.clip_value)", "pass"),

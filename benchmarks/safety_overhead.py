@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wgan_lit.checkpointing import atomic_torch_save  # noqa: E402
-from wgan_lit.module import WGAN, clamp_, critic_loss  # noqa: E402
+from wgan_lit.losses import critic_loss  # noqa: E402
+from wgan_lit.module import WGAN, clamp_  # noqa: E402
 
 
 def sync(device: str) -> None:

@@ -53,7 +53,8 @@ from wgan_lit.cli import CONF_DIR  # noqa: E402
 from wgan_lit.config import register_configs, validate  # noqa: E402
 from wgan_lit.data import FashionMNISTDataModule, build_datamodule  # noqa: E402
 from wgan_lit.fashion_mnist import locate_fashion_mnist  # noqa: E402
-from wgan_lit.module import WGAN, critic_loss, generator_loss  # noqa: E402
+from wgan_lit.losses import critic_loss, generator_loss  # noqa: E402
+from wgan_lit.module import WGAN  # noqa: E402
 from wgan_lit.networks import Critic, Generator  # noqa: E402
 
 # name -> Hydra overrides on top of the default config; each switches one fast-path option off or on.

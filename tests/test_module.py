@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import lightning as L
@@ -10,9 +11,11 @@ import torch
 
 import wgan_lit.module as module_mod
 from tests.conftest import TINY, RandomImages, compose_train, tiny_trainer, write_fake_fashion_mnist
+from wgan_lit import losses
 from wgan_lit.config import ConfigError, DataConfig, validate
 from wgan_lit.data import FashionMNISTDataModule, build_datamodule
-from wgan_lit.module import WGAN, critic_loss, generator_loss
+from wgan_lit.losses import LOSSES, critic_loss, generator_loss
+from wgan_lit.module import WGAN
 
 
 def snapshot(net: torch.nn.Module) -> list[torch.Tensor]:
@@ -260,14 +263,14 @@ def test_bf16_mixed_runs_the_step_in_bf16_with_float32_weights_losses_and_clip(m
     """What training_step computes is seen inside it: the critic's scores, and the loss reduced from them.
     The 32-true case is the control: the same check then sees float32 scores."""
     seen: list[tuple[torch.dtype, torch.dtype]] = []
-    real_loss = module_mod.critic_loss
+    wasserstein = LOSSES["wasserstein"]
 
     def recording_loss(real_scores, fake_scores):
-        loss = real_loss(real_scores, fake_scores)
+        loss = wasserstein.critic(real_scores, fake_scores)
         seen.append((real_scores.dtype, loss.dtype))
         return loss
 
-    monkeypatch.setattr(module_mod, "critic_loss", recording_loss)
+    monkeypatch.setitem(LOSSES, "wasserstein", dataclasses.replace(wasserstein, critic=recording_loss))
 
     class Clip(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -358,20 +361,20 @@ def test_the_gradient_penalty_targets_a_gradient_norm_of_one():
     for norm in (1.0, 3.0, 0.25):
         w = torch.randn(4)
         w = w / w.norm() * norm
-        assert float(module_mod.gradient_penalty(Linear(w), real, fake)) == pytest.approx((norm - 1) ** 2, abs=1e-6)
+        assert float(losses.gradient_penalty(Linear(w), real, fake)) == pytest.approx((norm - 1) ** 2, abs=1e-6)
 
 
 def test_the_gradient_penalty_is_taken_at_random_interpolates_of_real_and_fake_and_trains_the_critic():
     real, fake = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2)
     eps = torch.tensor([0.0, 0.3, 1.0]).view(3, 1, 1, 1)
     critic = Linear(torch.full((4,), 2.0))
-    penalty = module_mod.gradient_penalty(critic, real, fake, eps)
+    penalty = losses.gradient_penalty(critic, real, fake, eps)
     (x_hat,) = critic.inputs
     assert torch.allclose(x_hat, eps * real + (1 - eps) * fake)  # 1 - eps of the fake: 1.0, 0.7, 0.0
     penalty.backward()  # create_graph: the penalty has a gradient in the critic's weights
     assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
     torch.manual_seed(0)
-    module_mod.gradient_penalty(critic, real, fake)  # eps drawn per image: interpolates, not the endpoints
+    losses.gradient_penalty(critic, real, fake)  # eps drawn per image: interpolates, not the endpoints
     drawn = critic.inputs[-1].flatten(1)[:, 0]
     assert ((drawn > 0) & (drawn < 1)).all() and len(set(drawn.tolist())) == 3
 
@@ -392,12 +395,12 @@ def test_with_the_penalty_and_no_clip_the_critic_leaves_the_clip_range_and_the_p
 def test_the_standard_gan_losses_are_binary_cross_entropy_with_the_non_saturating_generator_loss():
     real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
     bce = torch.nn.functional.binary_cross_entropy_with_logits
-    assert float(module_mod.gan_discriminator_loss(real, fake)) == pytest.approx(
+    assert float(losses.gan_discriminator_loss(real, fake)) == pytest.approx(
         float(bce(real, torch.ones(2)) + bce(fake, torch.zeros(2))))
-    assert float(module_mod.gan_generator_loss(fake)) == pytest.approx(float(bce(fake, torch.ones(2))))
+    assert float(losses.gan_generator_loss(fake)) == pytest.approx(float(bce(fake, torch.ones(2))))
     # Signs: D's loss falls as real logits rise; G's falls as the fakes' logits rise.
-    assert module_mod.gan_discriminator_loss(real + 1, fake) < module_mod.gan_discriminator_loss(real, fake)
-    assert module_mod.gan_generator_loss(fake + 1) < module_mod.gan_generator_loss(fake)
+    assert losses.gan_discriminator_loss(real + 1, fake) < losses.gan_discriminator_loss(real, fake)
+    assert losses.gan_generator_loss(fake + 1) < losses.gan_generator_loss(fake)
 
 
 def test_the_gan_model_trains_one_d_step_per_g_step_without_clipping(tmp_path):

@@ -20,6 +20,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from wgan_lit.losses import LOSSES
+
 # Sizes the DCGAN pyramids can build: a 4x4 or 7x7 base doubled k times (7 * 2^2 = 28 is Fashion-MNIST).
 IMAGE_SIZES = tuple(sorted({b * 2**k for b in (4, 7) for k in range(2, 7)}))
 DATASETS = ("fashion_mnist", "celeba", "folder")
@@ -27,7 +29,6 @@ DATA_SPLITS = {"fashion_mnist": ("train", "test"), "celeba": ("train", "valid", 
                "folder": ("train", "all")}  # a folder has no splits: both mean every image
 OPTIMIZERS = ("rmsprop", "adam")
 NETWORKS = ("dcgan", "mlp")  # the paper's code: DCGAN, or --mlp_G / --mlp_D
-LOSSES = ("wasserstein", "gan")
 LOGGERS = ("tensorboard", "csv")
 # Sample-quality metrics a best checkpoint can be chosen by, and which way is better (wgan_lit/metrics.py).
 SAMPLE_METRICS = {"fd_classifier": "min", "kid": "min", "coverage": "max", "fid_inception": "min",
@@ -162,7 +163,8 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
         ("model.n_critic", m.n_critic, m.n_critic >= 1, "an integer >= 1 (the paper uses 5)"),
         ("model.clip_value", m.clip_value, m.clip_value >= 0, "a number >= 0 (the paper uses 0.01; 0 = off)"),
         ("model.gp_weight", m.gp_weight, m.gp_weight >= 0, "a number >= 0 (Gulrajani et al. use 10; 0 = off)"),
-        ("model.clip_value", m.clip_value, m.loss != "wasserstein" or m.clip_value != 0 or m.gp_weight > 0,
+        ("model.clip_value", m.clip_value,
+         m.loss not in LOSSES or not LOSSES[m.loss].needs_lipschitz or m.clip_value != 0 or m.gp_weight > 0,
          "> 0, or model.gp_weight > 0: the Wasserstein critic needs a Lipschitz constraint (model=wgan_gp)"),
         ("model.critic_batchnorm", m.critic_batchnorm,
          not (m.gp_weight > 0 and m.critic_batchnorm and m.critic == "dcgan"),

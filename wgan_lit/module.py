@@ -17,10 +17,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from wgan_lit.config import DataConfig, LoggerConfig, ModelConfig
+from wgan_lit.losses import LOSSES, gradient_penalty
 from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator
 
 
@@ -30,39 +30,6 @@ class DivergenceError(RuntimeError):
     def __init__(self, message: str, gen_step: int) -> None:
         super().__init__(message)
         self.gen_step = gen_step
-
-
-def critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
-    """E[D(G(z))] - E[D(x)]: minimising it maximises the Wasserstein estimate E[D(x)] - E[D(G(z))].
-
-    Reduced in float32: under bf16 autocast the scores are bf16, whose 3 digits would blur the estimate."""
-    return fake_scores.float().mean() - real_scores.float().mean()
-
-
-def generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
-    """-E[D(G(z))]: the generator moves its samples towards where the critic scores real data (float32)."""
-    return -fake_scores.float().mean()
-
-
-def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """The standard GAN's: binary cross-entropy of sigmoid(D) with real = 1, fake = 0 (float32)."""
-    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
-
-
-def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """The non-saturating generator loss -log sigmoid(D(G(z))) of Goodfellow et al. (2014), as DCGAN trains."""
-    return F.softplus(-fake_logits.float()).mean()
-
-
-def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     eps: torch.Tensor | None = None) -> torch.Tensor:
-    """E[(||grad D(x_hat)||_2 - 1)^2] at x_hat = eps * real + (1 - eps) * fake, eps ~ U[0, 1] per image
-    (Gulrajani et al. 2017, Algorithm 1). Differentiable in the critic's weights (create_graph)."""
-    if eps is None:
-        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(x_hat).float().sum(), x_hat, create_graph=True)
-    return ((grad.float().flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 @torch.no_grad()
@@ -142,10 +109,7 @@ class WGAN(L.LightningModule):
                 fake = self.generator(self.noise(n))
             real_scores = self.critic(real)  # two passes, as in the paper: BatchNorm sees real and fake apart
             fake_scores = self.critic(fake)
-            if hp.loss == "gan":
-                d_loss = gan_discriminator_loss(real_scores, fake_scores)
-            else:
-                d_loss = critic_loss(real_scores, fake_scores)
+            d_loss = LOSSES[hp.loss].critic(real_scores, fake_scores)
             estimate = d_loss.detach()  # logged: the critic's loss without the penalty
             if hp.gp_weight > 0:
                 penalty = gradient_penalty(self.critic, real, fake)
@@ -165,7 +129,7 @@ class WGAN(L.LightningModule):
             return
         with self.toggled_optimizer(opt_g):
             fake_scores = self.critic(self.generator(self.noise(n)))
-            g_loss = gan_generator_loss(fake_scores) if hp.loss == "gan" else generator_loss(fake_scores)
+            g_loss = LOSSES[hp.loss].generator(fake_scores)
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
@@ -201,20 +165,14 @@ class WGAN(L.LightningModule):
         d, g, gp, bad = torch.stack([d_loss.detach().float(), g_loss.detach().float(), gp, bad]).cpu().tolist()
         if bad != math.inf:  # any rank's NaN stops them all, with one message
             raise self._divergence(int(bad))
-        metrics = {"critic/loss": d, "generator/loss": g}
-        if self.hparams.loss == "gan":  # the JS divergence estimate the paper plots (Fig. 4): log 2 - loss / 2
-            metrics["critic/js_estimate"] = math.log(2) - d / 2
-        else:
-            metrics["critic/wasserstein"] = -d
+        objective = LOSSES[self.hparams.loss]
+        metrics = {"critic/loss": d, "generator/loss": g, objective.curve: objective.estimate(d)}
         if penalty is not None:
             metrics["critic/gradient_penalty"] = gp
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.gen_step)
         # Also into callback_metrics (progress bar, checkpoint names); the loggers got them above.
-        if self.hparams.loss == "wasserstein":
-            self.log("W", -d, prog_bar=True, logger=False)
-        else:
-            self.log("JS", metrics["critic/js_estimate"], prog_bar=True, logger=False)
+        self.log(objective.short, metrics[objective.curve], prog_bar=True, logger=False)
         self.log("g_loss", g, logger=False)  # final value goes to the HParams view (HParamsSummary)
 
     def _divergence(self, gen_step: int, what: str = "a critic or generator loss") -> DivergenceError:
