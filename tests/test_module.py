@@ -286,7 +286,7 @@ def test_bf16_mixed_runs_the_step_in_bf16_with_float32_weights_losses_and_clip(m
 def test_device_resident_moves_the_images_to_the_trainers_device_and_batches_stay_there(fake_fmnist):
     dm = FashionMNISTDataModule(DataConfig(root=str(fake_fmnist), batch_size=8, device_resident=True))
     stand_in_gpu = SimpleNamespace(root_device=torch.device("meta"))
-    dm.trainer = SimpleNamespace(world_size=1, strategy=stand_in_gpu)
+    dm.trainer = SimpleNamespace(world_size=1, strategy=stand_in_gpu, distributed_sampler_kwargs=None)
     dm.setup("fit")
     assert dm.images.device.type == "meta"
     loader = dm.train_dataloader()
