@@ -436,7 +436,7 @@ def fields(data: dict[str, Any]) -> dict[str, str]:
     }
 
 
-# The page. Its paragraphs are single lines in the output, as the report has always been written.
+# The page, in markdown: one line per paragraph.
 PAGE = Template("""\
 # The paper's claims, reproduced on Fashion-MNIST
 
@@ -444,23 +444,13 @@ Arjovsky, Chintala & Bottou (2017), arXiv:1701.07875, checked on a CPU. Written 
 
     $command
 
-on $machine ($cores cores), torch $torch. Every arm trained for $minutes minutes of wall-clock time (torch \
-threads: $threads), one arm at a time; scores during training every $metric_seconds s on $n_samples samples against \
-training images; the tables' scores are `python -m wgan_lit.evaluate` of each arm's `last.ckpt` ($eval_samples \
-samples, the test set). Shared settings of every arm: DCGAN networks of width 32 at 28 x 28, batch 64, float32 \
-(`wgan_lit/study.py`, `BASE`). WGAN arms: RMSprop 2e-4, n_critic 5, c = 0.01 unless the arm says otherwise (the \
-paper's rate, 5e-5, learns little in minutes on a CPU). Standard GAN arms: `model=gan` (Adam 2e-4, betas (0.5, \
-0.999), one D step per G step). Gradient penalty: `model=wgan_gp` (lambda 10, Adam 1e-4, betas (0, 0.9), no \
-critic BatchNorm). Nothing is tuned per arm. One run per arm and seed 0: differences of a few fd points are within \
-run-to-run noise. The numbers of this page and of its figures are in `paper_data.json`, beside it.
+on $machine ($cores cores), torch $torch. Every arm trained for $minutes minutes of wall-clock time (torch threads: $threads), one arm at a time; scores during training every $metric_seconds s on $n_samples samples against training images; the tables' scores are `python -m wgan_lit.evaluate` of each arm's `last.ckpt` ($eval_samples samples, the test set). Shared settings of every arm: DCGAN networks of width 32 at 28 x 28, batch 64, float32 (`wgan_lit/study.py`, `BASE`). WGAN arms: RMSprop 2e-4, n_critic 5, c = 0.01 unless the arm says otherwise (the paper's rate, 5e-5, learns little in minutes on a CPU). Standard GAN arms: `model=gan` (Adam 2e-4, betas (0.5, 0.999), one D step per G step). Gradient penalty: `model=wgan_gp` (lambda 10, Adam 1e-4, betas (0, 0.9), no critic BatchNorm). Nothing is tuned per arm. One run per arm and seed 0: differences of a few fd points are within run-to-run noise. The numbers of this page and of its figures are in `paper_data.json`, beside it.
 
 ## 1. A meaningful loss (paper Fig. 3-4)
 
 ![loss against sample quality](paper_meaningful_loss.png)
 
-Spearman correlation, over the scores during training, between the loss (averaged since the previous score) and \
-`fd_classifier`. The paper's claim: the WGAN critic's estimate falls as the samples improve (rho near 1); the \
-standard GAN's JS estimate does not track quality.
+Spearman correlation, over the scores during training, between the loss (averaged since the previous score) and `fd_classifier`. The paper's claim: the WGAN critic's estimate falls as the samples improve (rho near 1); the standard GAN's JS estimate does not track quality.
 
 | arm | loss | Spearman rho with fd_classifier |
 |---|---|---|
@@ -482,8 +472,7 @@ Here: $rho_verdict
 
 ![samples per arm](paper_architectures.png)
 
-The paper's claim: WGAN trains with all three generators, the standard GAN fails (collapses or makes poor \
-samples) without BatchNorm or with the MLP. Here: $robustness
+The paper's claim: WGAN trains with all three generators, the standard GAN fails (collapses or makes poor samples) without BatchNorm or with the MLP. Here: $robustness
 
 ## 3. The clip value (paper Sec. 3; Gulrajani et al. 2017, Fig. 1)
 
@@ -493,8 +482,7 @@ $clip_rows
 
 ![W curves and weight histograms per clip value](paper_clip.png)
 
-The paper: a large c makes the critic slow to reach its optimum, a small c gives vanishing gradients; Gulrajani \
-et al. show the weights piling up at +-c. Here: $clip_verdict
+The paper: a large c makes the critic slow to reach its optimum, a small c gives vanishing gradients; Gulrajani et al. show the weights piling up at +-c. Here: $clip_verdict
 
 ## 4. Weight clipping vs gradient penalty at the same budget
 
@@ -514,7 +502,7 @@ Here: $gp_verdict
     python -m wgan_lit.study render=docs/paper_data.json out=docs   # this page and its figures from the data alone
 
 `notebooks/paper_study.ipynb` draws the same figures from `paper_data.json` or from a study's run directories.
-""")
+""")  # noqa: E501 (the paragraphs are the page's lines)
 
 
 def render(data: dict[str, Any], out: Path) -> Path:
