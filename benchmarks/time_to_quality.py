@@ -17,11 +17,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from wgan_lit.study import over_time, pyplot, scalars  # noqa: E402
+from wgan_lit.study import pyplot, scalars  # noqa: E402
 
 TAG, RAW = "metrics/fd_classifier", "metrics_raw/fd_classifier"
 AT_MINUTES = (1, 2, 5, 10, 15)
 
+
+
+def over_time(curves: dict[str, list[tuple[float, int, float]]], tag: str) -> tuple[list[float], list[float]]:
+    """(minutes since the first score, value) of a scored metric."""
+    points = curves.get(tag, [])
+    if not points:
+        return [], []
+    start = points[0][0]
+    return [(t - start) / 60 for t, _, _ in points], [v for _, _, v in points]
 
 def at(minutes: list[float], values: list[float], t: float) -> float | None:
     """The score nearest to ``t`` minutes (scores come about once a minute); None after the run ended."""
