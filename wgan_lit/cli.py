@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import re
 import shlex
 import sys
@@ -20,6 +21,8 @@ from typing import Any, NoReturn, TypeVar
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, ValueType
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -47,39 +50,125 @@ def describe(err: BaseException) -> str:
     return ": ".join(dict.fromkeys(line.strip().rstrip(".") for line in lines))
 
 
-def compose_or_exit(config_name: str, overrides: Sequence[str]) -> DictConfig:
+def compose_or_exit(config_name: str, overrides: Sequence[str], return_hydra_config: bool = False,
+                    context: str = "") -> DictConfig:
+    """The config of ``overrides``, or exit 2 with one line (after ``context``, e.g. the sweep job it is)."""
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(overrides),
+                           return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as err:
-        fail(describe(err))
+        fail(context + describe(err))
+
+
+# Hydra's own command-line options (those of hydra.main's argument parser, hydra-core 1.3). After these Hydra
+# prints something (help, a config, information) or reruns a pickled job: it trains nothing new, nothing to check.
+_HYDRA_PRINT_OPTIONS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i",
+                        "--shell-completion", "-sc", "--experimental-rerun"}
+_HYDRA_VALUE_OPTIONS = {"--config-name": "-cn", "--config-path": "-cp", "--config-dir": "-cd", "--package": "-p"}
+_HYDRA_SWITCHES = {"--multirun", "-m", "--run", "-r", "--resolve"}
+
+
+@dataclasses.dataclass
+class HydraCommandLine:
+    """A Hydra app's command line, split: its overrides, and the options of Hydra that the checks need."""
+
+    overrides: list[str]
+    multirun: bool = False
+    config_name: str = "train"
+    prints_only: bool = False  # --help, --cfg, --info, ...: Hydra runs no job
+    other_config_dir: bool = False  # --config-path or --config-dir: not the conf/ that compose_or_exit reads
+
+
+def split_hydra_command_line(argv: Sequence[str]) -> HydraCommandLine:
+    """Hydra's options apart from the overrides (every argument not starting with "-"). Options are written in
+    full or by their short name, as ``-cn NAME`` or ``-cn=NAME``; an option Hydra does not have fails in one line
+    (argparse's abbreviations, such as ``--multi``, are refused: the check would have to guess what Hydra reads)."""
+    line = HydraCommandLine(overrides=[])
+    long_name = {short: long for long, short in _HYDRA_VALUE_OPTIONS.items()}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("-"):
+            line.overrides.append(arg)
+            continue
+        option, has_value, value = arg.partition("=")
+        if option in _HYDRA_PRINT_OPTIONS:
+            line.prints_only = True  # what follows may be its value (--cfg job): nothing more is checked
+            return line
+        if option in _HYDRA_SWITCHES and not has_value:
+            line.multirun = line.multirun or option in ("--multirun", "-m")
+            continue
+        option = long_name.get(option, option)
+        if option not in _HYDRA_VALUE_OPTIONS:
+            fail(f"{arg!r}: not an option of Hydra; write key=value overrides (--help lists the keys)")
+        if not has_value:
+            if not args:
+                fail(f"{arg}: expected a value after it")
+            value = args.pop(0)
+        if option == "--config-name":
+            line.config_name = value
+        elif option in ("--config-path", "--config-dir"):
+            line.other_config_dir = True
+    return line
+
+
+def sweep_jobs(overrides: Sequence[str], parsed: Sequence[Override]) -> list[list[str]] | None:
+    """The jobs of Hydra's basic sweeper for these overrides, as it makes them (the product of the sweep values,
+    a later value of a key replacing an earlier one), or None where they cannot be listed without Hydra's config
+    loader (``glob(...)`` over the options of a config group). A sweep it does not run fails in one line."""
+    values: dict[str, list[str]] = {}
+    for text, override in zip(overrides, parsed, strict=True):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            values[key] = [text]  # as written: Hydra's string of a deletion (~key) would read "null"
+        elif override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            return None
+        elif override.is_discrete_sweep():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:  # interval(...): Hydra's basic sweeper raises its HydraException with a traceback after it
+            fail(f"{text!r}: Hydra's basic sweeper runs lists (a,b,c), choice(...) and range(...) only; "
+                 "interval(...) needs a sweeper that samples values (e.g. hydra/sweeper=optuna, "
+                 "pip install hydra-optuna-sweeper)")
+    return [list(job) for job in itertools.product(*values.values())]
 
 
 def check_train_command_line(argv: Sequence[str], check: Callable[[DictConfig], Any],
                              errors: tuple[type[Exception], ...] = (ValueError,)) -> None:
-    """Compose the training config of ``argv`` (every job of a ``-m`` sweep) and ``check`` it before Hydra runs,
-    so that nothing is written for a command line that cannot train; ``errors`` are reported in one line."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """Check the training command line ``argv`` before Hydra runs, so that one that cannot train writes nothing:
+    a single run is composed and ``check``ed (``errors`` are reported in one line, exit code 2).
 
-    args, _ = get_args_parser().parse_known_args(list(argv))
-    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
-        return  # Hydra prints something and runs nothing
+    A ``-m`` sweep is only composed here: its overrides, and each of its jobs where the sweeper is Hydra's basic
+    one, which makes the jobs of its lists before it writes the sweep directory. Values are checked by each job as
+    it starts (``wgan_lit.train._main``), so that a job with a bad value fails alone and the others train; another
+    sweeper (Optuna's) chooses its jobs as it goes."""
+    line = split_hydra_command_line(argv)
+    if line.prints_only or line.other_config_dir:
+        return  # another config directory: Hydra composes it, and each job checks its values as it starts
     try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
+        parsed = OverridesParser.create().parse_overrides(line.overrides)
     except HydraException as err:
         fail(describe(err))
-    if args.multirun:
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
-    else:
-        jobs = [list(args.overrides)]
-    for job in jobs:
-        cfg = compose_or_exit(args.config_name or "train", job)
+    if not line.multirun:
+        cfg = compose_or_exit(line.config_name, line.overrides)
         try:
             check(cfg)
         except errors as err:
-            fail(f"{err}" if len(jobs) == 1 else f"in sweep job {' '.join(job)}: {err}")
+            fail(str(err))
+        return
+    fixed = [text for text, override in zip(line.overrides, parsed, strict=True) if not override.is_sweep_override()]
+    hydra_cfg = compose_or_exit(line.config_name, fixed, return_hydra_config=True).hydra
+    if hydra_cfg.runtime.choices.get("hydra/sweeper") != "basic":
+        return
+    # The sweeper's own params (hydra.sweeper.params) come first, as in BasicSweeper.sweep.
+    params = [f"{key}={value}" for key, value in (hydra_cfg.sweeper.get("params") or {}).items()]
+    overrides = [*params, *line.overrides]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        fail(describe(err))
+    for job in sweep_jobs(overrides, parsed) or []:
+        compose_or_exit(line.config_name, job, context=f"in sweep job {' '.join(job)}: ")
 
 
 def parse(schema: type[T], argv: Sequence[str], prog: str, doc: str,

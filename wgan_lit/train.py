@@ -17,12 +17,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import lightning as L
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -51,16 +53,13 @@ def build_model(cfg: TrainConfig, datamodule: L.LightningDataModule) -> WGAN:
                 log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, **dataclasses.asdict(cfg.model))
 
 
-# The data modules check_before_run read, by data config: the job that trains on one takes it, not a copy.
-_checked_data: dict[str, L.LightningDataModule] = {}
-
-
 def check_before_run(cfg: DictConfig) -> TrainConfig:
     """Everything that can fail before training, checked without writing: config values, Trainer arguments, the
-    data (found and read), the checkpoint to resume (readable, of these networks)."""
+    data (found and read), the checkpoint to resume (readable, of these networks). For a single run, before Hydra
+    makes its run directory; :func:`train` checks the data and the checkpoint again as it starts (a sweep job's
+    only check of them), which costs a second read of the data for a single run."""
     config = validate(cfg)
-    key = repr(config.data)
-    datamodule = _checked_data[key] = _checked_data.get(key) or build_datamodule(config.data)
+    datamodule = build_datamodule(config.data)
     datamodule.prepare_data()
     if config.ckpt_path:
         with torch.device("meta"):  # only names and shapes are compared: no memory, no initialisation
@@ -75,7 +74,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     ``extra_callbacks`` join the run's own (for tests and notebooks that watch a run).
     """
     run_dir = Path(run_dir)
-    datamodule = _checked_data.pop(repr(cfg.data), None) or build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()  # fail on missing or corrupt data before anything is written (read once)
     cfg = fast_path.resolve(cfg, datamodule.channels)  # fast_path.probe: precision, threads, layout, compile
     L.seed_everything(cfg.seed, workers=True)
@@ -211,13 +210,31 @@ def ddp_job() -> Iterator[None]:
                 os.environ[key] = value
 
 
+class SweepJobError(CompactHydraException):
+    """A job of a ``-m`` sweep that cannot train (a bad value, missing data, a divergence): it fails alone and the
+    sweep goes on. Hydra marks its ``JobReturn`` FAILED and, once every job of the sweep has run, prints this one
+    line after "Error executing job with overrides: [...]" (no traceback: a CompactHydraException) and exits 1."""
+
+
+def _job_failed(message: str, exit_code: int) -> NoReturn:
+    """Say ``Error: message`` and end this job: a single run exits with ``exit_code``; a sweep job raises, because
+    a SystemExit would end the whole sweep (Hydra's launcher catches Exception only)."""
+    log.error("Error: %s", message)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise SweepJobError(f"Error: {message}")
+    sys.exit(exit_code)
+
+
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=cli.CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     _log_to_the_run()
-    config = validate(cfg)  # already checked by main(); this builds the dataclasses
+    try:  # a single run was checked whole by main(); a sweep job is checked here, as it starts
+        config = validate(cfg)
+    except ConfigError as err:
+        _job_failed(str(err), 2)
     log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     run_dir = HydraConfig.get().runtime.output_dir
     lost = LostProcessReport(run_dir)
@@ -227,15 +244,13 @@ def _main(cfg: DictConfig) -> float | None:
         with ddp_job():  # DDP ranks > 0 re-run this job, not the whole sweep
             metrics = train(config, run_dir)
     except (DataError, CheckpointError, OneRunDirError, ClassifierError) as err:
-        log.error("Error: %s", err)
-        sys.exit(2)
+        _job_failed(str(err), 2)
     except SIGTERMException as stop:  # Ctrl-C or SIGTERM: LastCheckpoint saved the batch it stopped at
         if rank_zero_only.rank == 0:  # every DDP rank stops here; one says how to go on
             log.warning(interrupted_message(run_dir))
         sys.exit(stop.code)
     except DivergenceError as err:
-        log.error("Error: %s\n%s", err, last_checkpoint_note(run_dir))
-        sys.exit(1)
+        _job_failed(f"{err}\n{last_checkpoint_note(run_dir)}", 1)
     except RuntimeError as err:
         if (reason := lost_process_reason(err)) is None:
             raise
@@ -260,7 +275,8 @@ def _log_to_the_run() -> None:
 
 
 def main() -> None:
-    """``python -m wgan_lit.train``: the command line is checked whole (every sweep job) before Hydra runs."""
+    """``python -m wgan_lit.train``: the command line is checked before Hydra runs (a single run whole, a sweep's
+    composition); each job of a sweep checks its values as it starts."""
     cli.check_train_command_line(sys.argv[1:], check_before_run, (ConfigError, DataError, CheckpointError))
     _main()
 
