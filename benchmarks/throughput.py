@@ -61,16 +61,16 @@ from wgan_lit.networks import Critic, Generator  # noqa: E402
 CPU_VARIANTS: dict[str, list[str]] = {
     "lightning": [],  # the defaults: in-memory uint8 batches, fused clamp, channels_last
     "lightning per-item loader": ["+bench.per_item_loader=true"],
-    "lightning python clamp": ["model.fused_clamp=false"],
-    "lightning NCHW": ["model.channels_last=false"],
-    "lightning compile": ["model.compile=true"],
+    "lightning python clamp": ["runtime.fused_clamp=false"],
+    "lightning NCHW": ["runtime.channels_last=false"],
+    "lightning compile": ["runtime.compile=true"],
     "lightning bf16-mixed": ["trainer.precision=bf16-mixed"],  # oneDNN bf16 kernels on AVX512-BF16/AMX CPUs
     "lightning 1 thread": ["cpu_threads=1"],
 }
 GPU_VARIANTS: dict[str, list[str]] = {
     **CPU_VARIANTS,
     "lightning device_resident": ["data.device_resident=true"],
-    "lightning all on": ["data.device_resident=true", "model.compile=true", "trainer.precision=bf16-mixed"],
+    "lightning all on": ["data.device_resident=true", "runtime.compile=true", "trainer.precision=bf16-mixed"],
 }
 
 
@@ -212,7 +212,8 @@ def lightning_rate(cfg: argparse.Namespace, overrides: list[str], dataset: torch
     else:
         datamodule = build_datamodule(tc.data)
     model = WGAN(image_size=tc.data.image_size, channels=datamodule.channels,
-                 log_every_n_gen_steps=tc.logger.log_every_n_gen_steps, **dataclasses.asdict(tc.model))
+                 log_every_n_gen_steps=tc.logger.log_every_n_gen_steps, **dataclasses.asdict(tc.runtime),
+                 **dataclasses.asdict(tc.model))
     timer = fast_path.GenIterStamps(cfg.warmup, cfg.iters)
     trainer = L.Trainer(
         **{**tc.trainer, "enable_checkpointing": False, "enable_model_summary": False},
@@ -236,11 +237,11 @@ def probe_choice(cfg: argparse.Namespace, tmp: Path) -> tuple[str, list[str]]:
         probe += ["fast_path.iters=2", "fast_path.rounds=1", "fast_path.compile=false"]
     tc, _ = compose_config(cfg, probe)
     chosen = fast_path.resolve(tc, cfg.channels)
-    cand = fast_path.Candidate(chosen.trainer["precision"], chosen.cpu_threads, chosen.model.channels_last,
-                               chosen.model.compile)
+    cand = fast_path.Candidate(chosen.trainer["precision"], chosen.cpu_threads, chosen.runtime.channels_last,
+                               chosen.runtime.compile)
     return f"lightning fast_path choice ({cand.label()})", [
         f"trainer.precision={cand.precision}", f"cpu_threads={cand.threads}",
-        f"model.channels_last={str(cand.channels_last).lower()}", f"model.compile={str(cand.compile).lower()}"]
+        f"runtime.channels_last={str(cand.channels_last).lower()}", f"runtime.compile={str(cand.compile).lower()}"]
 
 
 # ---- FLOPs and the matmul peak --------------------------------------------------------------------------

@@ -281,12 +281,12 @@ WRONG_VALUES = {
     "model.critic": "resnet", "model.n_extra_layers": "-1", "model.mlp_layers": "0", "model.ema_decay": "1",
     "model.adam_beta1": "0.9", "model.adam_beta2": "0.5",
     "fast_path.iters": "1", "fast_path.rounds": "0", "fast_path.probe": "true", "trainer.precision": "32-true",
-    "model.channels_last": "false", "model.compile": "true",
+    "runtime.channels_last": "false", "runtime.compile": "true",
 }
 CONTEXT = {"data.download": ["data=celeba"],  # only fashion_mnist downloads
            "model.critic_batchnorm": ["model=wgan_gp"], "model.mlp_layers": ["model.generator=mlp"],
            "fast_path.probe": ["trainer=ddp_cpu"],
-           **{k: ["fast_path.probe=true"] for k in ("trainer.precision", "model.channels_last", "model.compile")}}
+           **{k: ["fast_path.probe=true"] for k in ("trainer.precision", "runtime.channels_last", "runtime.compile")}}
 
 
 def test_the_wrong_value_table_covers_every_ruled_key():

@@ -69,7 +69,7 @@ def test_resolve_applies_the_choice_caches_it_per_machine_and_workload_and_reuse
     cfg = validate(compose_train(["experiment=fashion_cpu_15min", f"fast_path.cache={cache}"]))
     time_one, calls = fake({Candidate("bf16-mixed", 1, False): 0.4})
     out = fast_path.resolve(cfg, channels=1, time_one=time_one)
-    assert (out.trainer["precision"], out.cpu_threads, out.model.channels_last, out.model.compile) == (
+    assert (out.trainer["precision"], out.cpu_threads, out.runtime.channels_last, out.runtime.compile) == (
         "bf16-mixed", 1, False, False)
     assert out.trainer["max_time"] == cfg.trainer["max_time"] and out.model.lr_g == cfg.model.lr_g  # the rest kept
     n_timed = len(calls)
@@ -103,7 +103,7 @@ def test_without_a_cxx_compiler_compile_is_skipped_with_one_line_and_the_fastest
     time_one, calls = no_compiler({BF16: 0.5})
     with caplog.at_level(logging.INFO, logger="wgan_lit.fast_path"):
         out = fast_path.resolve(cfg, channels=1, time_one=time_one)
-    assert calls[-1].compile and (out.trainer["precision"], out.model.compile) == ("bf16-mixed", False)
+    assert calls[-1].compile and (out.trainer["precision"], out.runtime.compile) == ("bf16-mixed", False)
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warned == [f"fast path: torch.compile skipped: InductorError: InvalidCxxCompiler: No working C++ "
                       f"compiler found in torch._inductor.config.cpp.cxx: {torch._inductor.config.cpp.cxx}"]
@@ -131,12 +131,12 @@ def test_a_cached_compiled_choice_is_used_without_compile_when_fast_path_compile
     cache = tmp_path / "fast_path.json"
     overrides = ["experiment=fashion_cpu_15min", f"fast_path.cache={cache}"]
     time_one, calls = fake({BF16: 0.5, Candidate("bf16-mixed", compile=True): 0.3})
-    assert fast_path.resolve(validate(compose_train(overrides)), channels=1, time_one=time_one).model.compile
+    assert fast_path.resolve(validate(compose_train(overrides)), channels=1, time_one=time_one).runtime.compile
     n_timed = len(calls)
     off = fast_path.resolve(validate(compose_train([*overrides, "fast_path.compile=false"])), 1, time_one)
-    assert (off.trainer["precision"], off.model.compile) == ("bf16-mixed", False) and len(calls) == n_timed
+    assert (off.trainer["precision"], off.runtime.compile) == ("bf16-mixed", False) and len(calls) == n_timed
     on = fast_path.resolve(validate(compose_train(overrides)), 1, time_one)  # control: the entry still holds it
-    assert on.model.compile and len(calls) == n_timed
+    assert on.runtime.compile and len(calls) == n_timed
 
 
 def test_a_choice_cached_with_compile_off_is_timed_again_with_compile_on(tmp_path):
@@ -144,9 +144,75 @@ def test_a_choice_cached_with_compile_off_is_timed_again_with_compile_on(tmp_pat
     overrides = ["experiment=fashion_cpu_15min", f"fast_path.cache={cache}"]
     time_one, calls = fake({BF16: 0.5, Candidate("bf16-mixed", compile=True): 0.3})
     assert not fast_path.resolve(validate(compose_train([*overrides, "fast_path.compile=false"])), 1,
-                                 time_one).model.compile
+                                 time_one).runtime.compile
     assert not calls[-1].compile
-    assert fast_path.resolve(validate(compose_train(overrides)), 1, time_one).model.compile and calls[-1].compile
+    assert fast_path.resolve(validate(compose_train(overrides)), 1, time_one).runtime.compile and calls[-1].compile
+
+
+# ---- a resume takes the checkpoint's runtime settings, not the probe's or the cache's ----------------------
+
+RECORD = {"precision": "32-true", "cpu_threads": 1, "channels_last": False, "compile": False, "fused_clamp": True}
+
+
+def resuming(monkeypatch, overrides: list[str], record: dict | None = RECORD):
+    """The validated config of ``overrides`` resuming from a checkpoint whose wgan_runtime is ``record``."""
+    monkeypatch.setattr(fast_path, "recorded_runtime", lambda path: None if record is None else dict(record))
+    cfg = validate(compose_train(overrides))
+    cfg.ckpt_path = "run/checkpoints/last.ckpt"  # after validate, which wants the file to exist
+    return cfg
+
+
+def bf16_cache(path, cfg) -> str:
+    """A cache whose entry for ``cfg`` here says bf16-mixed, as another probe on this machine may have found."""
+    choice = {"precision": "bf16-mixed", "threads": 0, "channels_last": True, "compile": False}
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    text = json.dumps({fast_path.machine_key(accelerator): {fast_path.workload_key(cfg, 1): {
+        "choice": choice, "compile_tried": True}}})
+    path.write_text(text)
+    return text
+
+
+def test_a_resume_with_the_probe_on_takes_the_checkpoints_float32_not_the_caches_bf16(tmp_path, monkeypatch,
+                                                                                      caplog):
+    cache = tmp_path / "fast_path.json"
+    overrides = ["experiment=fashion_cpu_15min", f"fast_path.cache={cache}"]
+    text = bf16_cache(cache, validate(compose_train(overrides)))
+    fresh = fast_path.resolve(validate(compose_train(overrides)), 1, lambda c: pytest.fail("timed"))
+    assert fresh.trainer["precision"] == "bf16-mixed"  # control: a new run does read that cache
+    cfg = resuming(monkeypatch, overrides)
+    with caplog.at_level(logging.INFO, logger="wgan_lit.fast_path"):
+        out = fast_path.resolve(cfg, 1, lambda c: pytest.fail("timed on resume"))
+    assert (out.trainer["precision"], out.cpu_threads, out.runtime.channels_last, out.runtime.compile,
+            out.runtime.fused_clamp) == ("32-true", 1, False, False, True)
+    assert cache.read_text() == text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_resume_without_the_probe_takes_the_checkpoints_precision_when_none_is_given(monkeypatch, caplog):
+    record = {**RECORD, "precision": "bf16-mixed", "cpu_threads": 0, "channels_last": True}
+    with caplog.at_level(logging.WARNING, logger="wgan_lit.fast_path"):
+        out = fast_path.resolve(resuming(monkeypatch, ["trainer=cpu"], record), 1, lambda c: pytest.fail("timed"))
+    assert out.trainer["precision"] == "bf16-mixed" and out.trainer["accelerator"] == "cpu" and not caplog.records
+
+
+def test_a_precision_given_on_resume_that_differs_from_the_checkpoints_is_honoured_with_one_warning_naming_both(
+        monkeypatch, caplog):
+    record = {**RECORD, "cpu_threads": 0, "channels_last": True}  # the config's defaults: only precision differs
+    with caplog.at_level(logging.WARNING, logger="wgan_lit.fast_path"):
+        out = fast_path.resolve(resuming(monkeypatch, ["trainer.precision=bf16-mixed"], record), 1)
+    assert out.trainer["precision"] == "bf16-mixed"
+    assert [r.getMessage() for r in caplog.records] == [
+        "resume: trainer.precision=bf16-mixed (the checkpoint's: 32-true), as the config says: the run does not "
+        "go on exactly as it started"]
+    caplog.clear()
+    same = fast_path.resolve(resuming(monkeypatch, ["trainer.precision=32"], record), 1)  # Lightning's alias
+    assert same.trainer["precision"] == "32-true" and not caplog.records
+
+
+def test_a_checkpoint_that_records_no_runtime_settings_resumes_with_the_probe_as_before(tmp_path, monkeypatch):
+    cfg = resuming(monkeypatch, ["experiment=fashion_cpu_15min", f"fast_path.cache={tmp_path / 'fp.json'}"],
+                   record=None)
+    time_one, calls = fake({BF16: 0.5})
+    assert fast_path.resolve(cfg, 1, time_one).trainer["precision"] == "bf16-mixed" and calls
 
 
 def test_timing_a_candidate_leaves_every_rng_as_it_found_it(monkeypatch):
@@ -172,8 +238,8 @@ def test_without_the_probe_the_config_is_left_as_it_is():
     assert fast_path.resolve(cfg, channels=1, time_one=lambda c: pytest.fail("timed")) is cfg
 
 
-@pytest.mark.parametrize("override", ["trainer.precision=32-true", "cpu_threads=1", "model.channels_last=false",
-                                      "model.compile=true"])
+@pytest.mark.parametrize("override", ["trainer.precision=32-true", "cpu_threads=1", "runtime.channels_last=false",
+                                      "runtime.compile=true"])
 def test_a_setting_the_probe_chooses_is_refused_when_set_by_hand_with_the_probe_on(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"^{key}=.*fast_path.probe=false to set it yourself"):

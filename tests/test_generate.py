@@ -239,6 +239,20 @@ def test_a_checkpoint_of_another_wgan_version_is_one_message(ckpt, tmp_path, cap
                      f"checkpoint {other}: does not fit")
 
 
+def test_a_checkpoint_written_with_runtime_switches_among_its_hyperparameters_still_loads(ckpt, tmp_path, capsys):
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    # as checkpoints were before RuntimeConfig: the switches saved as hyperparameters, no wgan_runtime entry
+    blob["hyper_parameters"].update(channels_last=False, compile=True, fused_clamp=False)
+    del blob["wgan_runtime"]
+    old = tmp_path / "old.ckpt"
+    torch.save(blob, old)
+    assert call(main, [f"checkpoint={old}", "n=4", f"output={tmp_path / 'old.pt'}"], capsys)[0] == 0
+    assert call(main, [f"checkpoint={ckpt}", "n=4", f"output={tmp_path / 'new.pt'}"], capsys)[0] == 0
+    assert torch.equal(torch.load(tmp_path / "old.pt"), torch.load(tmp_path / "new.pt"))
+    model = gen.load_generator(old, "cpu")
+    assert not model.runtime.compile and "compile" not in model.hparams  # dropped: this machine's defaults
+
+
 @pytest.mark.slow
 def test_the_module_entry_point(ckpt, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:

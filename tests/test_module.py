@@ -311,7 +311,7 @@ def test_device_resident_refuses_worker_processes():
 
 def test_fast_path_defaults_are_the_measured_choice():
     cfg = validate(compose_train([]))
-    assert cfg.model.fused_clamp and cfg.model.channels_last and not cfg.model.compile
+    assert cfg.runtime.fused_clamp and cfg.runtime.channels_last and not cfg.runtime.compile
     assert not cfg.data.device_resident and cfg.cpu_threads == 0
 
 

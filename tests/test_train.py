@@ -3,6 +3,9 @@ Trainer arguments passed on, DDP sweeps."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 import random
 import re
@@ -36,6 +39,7 @@ from tests.conftest import (
     tiny_config,
     write_fake_fashion_mnist,
 )
+from wgan_lit import fast_path
 from wgan_lit.checkpointing import CheckpointError, read_checkpoint
 from wgan_lit.module import WGAN
 from wgan_lit.train import ddp_job, train
@@ -246,6 +250,51 @@ def test_a_resumed_run_takes_its_learning_rates_from_the_config_not_the_checkpoi
     train(tiny_config(data, 4, ckpt_path=str(short_run / "checkpoints/last.ckpt"), lr_d=1e-5), tmp_path)
     opt_g, opt_d = load(tmp_path / "checkpoints/last.ckpt")["optimizer_states"]
     assert opt_d["param_groups"][0]["lr"] == 1e-5 and opt_g["param_groups"][0]["lr"] == 5e-5
+
+
+# ---- runtime settings: beside the hyperparameters, reused by a resume ---------------------------------------
+
+RUNTIME = ("precision", "cpu_threads", "channels_last", "compile", "fused_clamp")
+
+
+def test_a_checkpoint_records_its_runtime_settings_beside_the_hyperparameters_not_among_them(short_run):
+    ckpt = load(short_run / "checkpoints/last.ckpt")
+    assert not set(RUNTIME) & set(ckpt["hyper_parameters"]) and ckpt["hyper_parameters"]["clip_value"] == 0.01
+    assert ckpt["wgan_runtime"] == {"precision": "32-true", "cpu_threads": 0, "channels_last": True,
+                                    "compile": False, "fused_clamp": True}
+    assert WGAN.load_from_checkpoint(short_run / "checkpoints/last.ckpt", map_location="cpu").gen_step == 3
+
+
+def test_a_resume_with_the_probe_on_goes_on_in_the_checkpoints_float32_where_the_cache_says_bf16(
+        tmp_path, data, short_run, monkeypatch, caplog):
+    cfg = tiny_config(data, 4, ckpt_path=str(short_run / "checkpoints/last.ckpt"))
+    cache = tmp_path / "fast_path.json"
+    cfg.fast_path.probe, cfg.fast_path.cache = True, str(cache)
+    bf16 = {"precision": "bf16-mixed", "threads": 1, "channels_last": False, "compile": False}
+    cache.write_text(json.dumps({fast_path.machine_key("cpu"): {fast_path.workload_key(cfg, 1): {
+        "choice": bf16, "compile_tried": True}}}))
+    assert fast_path.resolve(dataclasses.replace(cfg, ckpt_path=""), 1).trainer["precision"] == "bf16-mixed"
+    for name in ("probe", "time_candidate"):  # nor may it time anything
+        monkeypatch.setattr(fast_path, name, lambda *a, **k: pytest.fail("probed on resume"))
+    with caplog.at_level(logging.INFO, logger="wgan_lit"):
+        train(cfg, tmp_path / "run")
+    ckpt = load(tmp_path / "run" / "checkpoints/last.ckpt")
+    assert ckpt["wgan_counters"]["gen_step"] == 4
+    assert ckpt["wgan_runtime"] == load(short_run / "checkpoints/last.ckpt")["wgan_runtime"]
+    assert ckpt["wgan_runtime"]["precision"] == "32-true"  # what the resumed Trainer ran in
+    assert ("Runtime: trainer.precision=32-true cpu_threads=0 runtime.fused_clamp=True runtime.channels_last=True "
+            "runtime.compile=False") in caplog.text
+
+
+def test_an_old_checkpoint_with_runtime_switches_among_its_hyperparameters_resumes(tmp_path, data, short_run):
+    old = load(short_run / "checkpoints/last.ckpt")
+    old["hyper_parameters"].update(channels_last=True, compile=False, fused_clamp=True)  # as written before
+    del old["wgan_runtime"]
+    torch.save(old, tmp_path / "old.ckpt")
+    train(tiny_config(data, 4, ckpt_path=str(tmp_path / "old.ckpt")), tmp_path / "run")
+    ckpt = load(tmp_path / "run" / "checkpoints/last.ckpt")
+    assert ckpt["wgan_counters"]["gen_step"] == 4 and not set(RUNTIME) & set(ckpt["hyper_parameters"])
+    assert ckpt["wgan_runtime"]["precision"] == "32-true"
 
 
 def test_ctrl_c_saves_at_the_batch_boundary_and_resuming_matches_an_uninterrupted_run(

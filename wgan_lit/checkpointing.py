@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from wgan_lit.config import DataConfig, LoggerConfig, ModelConfig
+from wgan_lit.config import RUNTIME_KEYS, DataConfig, LoggerConfig, ModelConfig
 
 
 class CheckpointError(RuntimeError):
@@ -167,7 +167,9 @@ def architecture_mismatch(ckpt: dict[str, Any], model: L.LightningModule) -> lis
         return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     saved_shapes, wanted_shapes = shapes(ckpt["state_dict"]), shapes(model.state_dict())
-    saved, wanted = ckpt["hyper_parameters"], dict(model.hparams)
+    # Without the runtime switches older checkpoints kept as hyperparameters: they never decide whether one fits.
+    saved = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in RUNTIME_KEYS}
+    wanted = dict(model.hparams)
     if saved_shapes == wanted_shapes and saved.get("optimizer") == wanted.get("optimizer"):
         return []
     keys = [*wanted, *(k for k in saved if k not in wanted)]

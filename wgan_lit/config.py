@@ -70,10 +70,23 @@ class ModelConfig:
     ema_decay: float = 0.0
     n_fixed_samples: int = 64  # size of the fixed noise batch behind the sample grids
     fixed_noise_seed: int = 1234
-    # Fast-path switches (measured by benchmarks/throughput.py; see docs/speed.md).
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run computes, not what it learns (measured by benchmarks/throughput.py; see docs/speed.md).
+
+    Not hyperparameters: a checkpoint keeps them beside its ``hyper_parameters`` (``wgan_runtime``, with
+    ``trainer.precision`` and ``cpu_threads``), so another machine can load it with its own."""
+
     fused_clamp: bool = True  # clip all critic weights with two multi-tensor kernels instead of a Python loop
     channels_last: bool = True  # NHWC layout for both networks and the batches: +11% on CPU, measured
     compile: bool = False  # torch.compile both networks (first steps pay the compile time)
+
+
+# What a checkpoint's ``wgan_runtime`` records: how the run computed. Never hyperparameters; checkpoints written
+# before RuntimeConfig hold the last three in ``hyper_parameters``, and loading drops them there.
+RUNTIME_KEYS = ("precision", "cpu_threads", "channels_last", "compile", "fused_clamp")
 
 
 @dataclass
@@ -144,6 +157,7 @@ class TrainConfig:
     ckpt_path: str = ""  # resume exactly from this checkpoint (e.g. <run>/checkpoints/last.ckpt)
     # torch.set_num_threads; 0 = torch's default (one per core); 1 on a CPU shared with other jobs (docs/speed.md)
     cpu_threads: int = 0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # layout, compile, clamp: not in hyperparameters
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     fast_path: FastPathConfig = field(default_factory=FastPathConfig)
 
@@ -219,8 +233,9 @@ def _rules(c: TrainConfig) -> list[tuple[str, Any, bool, str]]:
            "unset with fast_path.probe=true, which chooses it (fast_path.probe=false to set it yourself)")
           for key, value, default in (("trainer.precision", c.trainer.get("precision"), None),
                                       ("cpu_threads", c.cpu_threads, 0),
-                                      ("model.channels_last", m.channels_last, ModelConfig.channels_last),
-                                      ("model.compile", m.compile, ModelConfig.compile))],
+                                      ("runtime.channels_last", c.runtime.channels_last,
+                                       RuntimeConfig.channels_last),
+                                      ("runtime.compile", c.runtime.compile, RuntimeConfig.compile))],
     ]
 
 

@@ -6,13 +6,16 @@ networks on random images for each candidate, through the same Lightning Trainer
 
 * ``trainer.precision``: ``32-true`` or ``bf16-mixed``;
 * ``cpu_threads``: one per core or one (on a CPU);
-* ``model.channels_last``: NHWC or NCHW;
-* ``model.compile``: tried last, on the fastest of the above (compiling takes a minute, once per machine).
+* ``runtime.channels_last``: NHWC or NCHW;
+* ``runtime.compile``: tried last, on the fastest of the above (compiling takes a minute, once per machine).
 
 Float32 with the defaults is the baseline; another candidate must beat it by ``MARGIN`` to be chosen, so the
 choice is never slower than float32 by more than the timing noise. A candidate that fails (bf16 where it is
 unsupported, compile without a C++ compiler) is dropped with one log line; float32 failing is an error. The
 result is printed and cached per machine and workload (``fast_path.cache``), so later runs start at once.
+
+A resume (``ckpt_path``) neither probes nor reads the cache: it takes what the checkpoint's ``wgan_runtime``
+recorded, so a run that started in float32 goes on in float32 on any machine (:func:`resumed`).
 """
 
 from __future__ import annotations
@@ -36,14 +39,19 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from wgan_lit.checkpointing import atomic_write
-from wgan_lit.config import TrainConfig, user_cache_dir
+from wgan_lit.checkpointing import atomic_write, read_checkpoint
+from wgan_lit.config import RUNTIME_KEYS, TrainConfig, user_cache_dir
 from wgan_lit.data import InMemoryImages, pass_through
 
 log = logging.getLogger("wgan_lit.fast_path")
 MARGIN = 0.05  # a candidate must be this much faster than float32 to be chosen over it
 # The config keys the probe decides; fast_path.probe=true refuses them set by hand (config.py's rules).
-DECIDES = ("trainer.precision", "cpu_threads", "model.channels_last", "model.compile")
+DECIDES = ("trainer.precision", "cpu_threads", "runtime.channels_last", "runtime.compile")
+PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+# The config key of each entry of a checkpoint's wgan_runtime (RUNTIME_KEYS).
+RUNTIME_CONFIG_KEYS = {"precision": "trainer.precision", "cpu_threads": "cpu_threads",
+                       "channels_last": "runtime.channels_last", "compile": "runtime.compile",
+                       "fused_clamp": "runtime.fused_clamp"}
 
 
 @dataclass(frozen=True)
@@ -133,8 +141,8 @@ def time_candidate(cfg: TrainConfig, channels: int, cand: Candidate, iters: int,
     """Median seconds per generator iteration of the run's networks on random images with ``cand``."""
     from wgan_lit.module import WGAN
 
-    hp = {**dataclasses.asdict(cfg.model), "channels_last": cand.channels_last, "compile": cand.compile,
-          "paper_critic_schedule": False}  # its 100-step critic phases would swamp the timings
+    hp = {**dataclasses.asdict(cfg.model), "paper_critic_schedule": False}  # its 100-step phases swamp timings
+    switches = {"channels_last": cand.channels_last, "compile": cand.compile, "fused_clamp": cfg.runtime.fused_clamp}
     size, batch = cfg.data.image_size, cfg.data.batch_size
     before = torch.get_num_threads()
     # The images, weights and noise draw from torch's RNGs: all are restored after it, CUDA's too.
@@ -151,7 +159,7 @@ def time_candidate(cfg: TrainConfig, channels: int, cand: Candidate, iters: int,
                 accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, precision=cand.precision,
                 max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[stamps])
-            trainer.fit(WGAN(image_size=size, channels=channels, **hp), train_dataloaders=loader)
+            trainer.fit(WGAN(image_size=size, channels=channels, **switches, **hp), train_dataloaders=loader)
         finally:
             torch.set_num_threads(before)
     return statistics.median(b - a for a, b in itertools.pairwise(stamps.stamps))
@@ -187,9 +195,11 @@ def cpu_name() -> str:
 def workload_key(cfg: TrainConfig, channels: int) -> str:
     """The settings that change the work of one generator iteration."""
     work = {k: v for k, v in dataclasses.asdict(cfg.model).items()
-            if k not in ("channels_last", "compile", "lr_g", "lr_d", "fixed_noise_seed", "n_fixed_samples",
-                         "paper_critic_schedule", "clip_value")}
-    work.update(image_size=cfg.data.image_size, batch_size=cfg.data.batch_size, channels=channels)
+            if k not in ("lr_g", "lr_d", "fixed_noise_seed", "n_fixed_samples", "paper_critic_schedule",
+                         "clip_value")}
+    # fused_clamp was a model key when the cache was first written: the same keys keep its entries valid.
+    work.update(image_size=cfg.data.image_size, batch_size=cfg.data.batch_size, channels=channels,
+                fused_clamp=cfg.runtime.fused_clamp)
     return hashlib.sha256(json.dumps(work, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -203,7 +213,7 @@ def apply(cfg: TrainConfig, cand: Candidate) -> TrainConfig:
     """``cfg`` with the candidate's settings."""
     return dataclasses.replace(
         cfg, trainer={**cfg.trainer, "precision": cand.precision}, cpu_threads=cand.threads,
-        model=dataclasses.replace(cfg.model, channels_last=cand.channels_last, compile=cand.compile))
+        runtime=dataclasses.replace(cfg.runtime, channels_last=cand.channels_last, compile=cand.compile))
 
 
 def table(seconds: dict[Candidate, float], choice: Candidate) -> str:
@@ -215,8 +225,14 @@ def table(seconds: dict[Candidate, float], choice: Candidate) -> str:
 
 def resolve(cfg: TrainConfig, channels: int,
             time_one: Callable[[Candidate], float] | None = None) -> TrainConfig:
-    """With ``fast_path.probe``, the config with the settings measured fastest here (cached); else ``cfg``."""
+    """With ``fast_path.probe``, the config with the settings measured fastest here (cached); else ``cfg``.
+    A resume takes the checkpoint's recorded settings instead (:func:`resumed`)."""
     fp = cfg.fast_path
+    if cfg.ckpt_path:
+        if (record := recorded_runtime(cfg.ckpt_path)) is not None:
+            return resumed(cfg, record)
+        log.info("fast path: %s records no runtime settings (written before wgan_runtime): the config decides",
+                 cfg.ckpt_path)
     if not fp.probe:
         return cfg
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
@@ -248,6 +264,39 @@ def resolve(cfg: TrainConfig, channels: int,
     with atomic_write(path) as tmp:  # a concurrent run reads the old file or the new one
         tmp.write_text(json.dumps(cache, indent=2))
     return apply(cfg, choice)
+
+
+def recorded_runtime(ckpt_path: str | Path) -> dict[str, Any] | None:
+    """The ``wgan_runtime`` entry of a checkpoint (RUNTIME_KEYS), or None where it has none (an older one)."""
+    record = read_checkpoint(ckpt_path, what="ckpt_path").get("wgan_runtime")  # a bad file: CheckpointError
+    return record if isinstance(record, dict) and set(RUNTIME_KEYS) <= set(record) else None
+
+
+def resumed(cfg: TrainConfig, record: dict[str, Any]) -> TrainConfig:
+    """The config of a resume: the checkpoint's ``record`` replaces the probe and its cache, which on this
+    machine (or after a new probe) may choose otherwise, e.g. bf16 for a run that trained in float32.
+
+    With ``fast_path.probe`` the keys it decides are unset (the config's rules), so all are the checkpoint's;
+    an unset ``trainer.precision`` is too. What the config does set (``fast_path.probe=false``) is honoured,
+    with one warning naming both values where it differs from the checkpoint's: the run then does not go on
+    exactly as it started, which may be the point (a GPU run continued on a CPU without bf16)."""
+    precision = cfg.trainer.get("precision")
+    # Lightning's short names ("32", "bf16") are the long ones it records (trainer.precision): no false alarm.
+    chosen = {"precision": record["precision"] if precision is None else PRECISION_ALIASES.get(str(precision),
+                                                                                               str(precision)),
+              "cpu_threads": cfg.cpu_threads, **dataclasses.asdict(cfg.runtime)}
+    if cfg.fast_path.probe:
+        chosen.update({k: record[k] for k in ("cpu_threads", "channels_last", "compile")})
+    differ = [f"{RUNTIME_CONFIG_KEYS[k]}={chosen[k]} (the checkpoint's: {record[k]})"
+              for k in RUNTIME_KEYS if chosen[k] != record[k]]
+    if differ:
+        log.warning("resume: %s, as the config says: the run does not go on exactly as it started",
+                    ", ".join(differ))
+    log.info("fast path: resuming with the settings of %s", cfg.ckpt_path)
+    return dataclasses.replace(
+        cfg, trainer={**cfg.trainer, "precision": chosen["precision"]}, cpu_threads=chosen["cpu_threads"],
+        runtime=dataclasses.replace(cfg.runtime, **{k: chosen[k] for k in ("channels_last", "compile",
+                                                                           "fused_clamp")}))
 
 
 def _read(path: Path) -> dict[str, Any]:

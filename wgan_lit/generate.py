@@ -35,7 +35,7 @@ from torchvision.utils import save_image
 
 from wgan_lit import cli
 from wgan_lit.checkpointing import CheckpointError, atomic_torch_save, atomic_write, read_checkpoint
-from wgan_lit.module import WGAN
+from wgan_lit.module import WGAN, model_hparams
 
 FORMATS = (".png", ".gif", ".pt", ".npz")
 DEVICES = ("auto", "cpu", "cuda")
@@ -86,7 +86,7 @@ def load_generator(path: str | Path, device: str = GenerateConfig.device) -> WGA
     """The WGAN of a checkpoint on ``device`` ('auto': CUDA when available), in inference mode."""
     ckpt = read_checkpoint(path, what="checkpoint")  # loaded on the CPU: GPU checkpoints open anywhere
     try:
-        model = WGAN(**ckpt["hyper_parameters"])
+        model = WGAN(**model_hparams(ckpt["hyper_parameters"]))  # this machine's runtime defaults
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, RuntimeError) as err:  # hyperparameters or tensors this version's WGAN does not take
         raise CheckpointError(f"checkpoint {path}: does not fit this version's WGAN "

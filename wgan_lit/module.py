@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from wgan_lit.config import DataConfig, LoggerConfig, ModelConfig
+from wgan_lit.config import RUNTIME_KEYS, DataConfig, LoggerConfig, ModelConfig, RuntimeConfig
 from wgan_lit.losses import LOSSES, gradient_penalty
 from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator
 
@@ -39,14 +39,29 @@ def clamp_(params: list[torch.Tensor], clip_value: float) -> None:
     torch._foreach_clamp_max_(params, clip_value)
 
 
+def model_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``hyper_parameters`` without the runtime switches that checkpoints written before
+    RuntimeConfig kept there: what ``WGAN(**...)`` takes to rebuild the model, with this machine's defaults."""
+    return {k: v for k, v in hparams.items() if k not in RUNTIME_KEYS}
+
+
 class WGAN(L.LightningModule):
     def __init__(self, image_size: int = DataConfig.image_size, channels: int = 1,
-                 log_every_n_gen_steps: int = LoggerConfig.log_every_n_gen_steps, **model: Any) -> None:
-        """``model``: the fields of :class:`~wgan_lit.config.ModelConfig`, the one home of their defaults."""
+                 log_every_n_gen_steps: int = LoggerConfig.log_every_n_gen_steps,
+                 channels_last: bool = RuntimeConfig.channels_last, compile: bool = RuntimeConfig.compile,
+                 fused_clamp: bool = RuntimeConfig.fused_clamp, cpu_threads: int = 0, **model: Any) -> None:
+        """``model``: the fields of :class:`~wgan_lit.config.ModelConfig`, the one home of their defaults.
+
+        ``channels_last``, ``compile``, ``fused_clamp`` (:class:`~wgan_lit.config.RuntimeConfig`) and
+        ``cpu_threads`` (set by train.py; only recorded here) say how this run computes: not hyperparameters,
+        so a checkpoint loads anywhere with the defaults; they go into its ``wgan_runtime`` entry instead."""
         super().__init__()
         hp = ModelConfig(**model)  # an unknown key fails here, naming it
+        # An explicit dict, so the runtime arguments are not among the saved hyperparameters.
         self.save_hyperparameters({"image_size": image_size, "channels": channels,
                                    "log_every_n_gen_steps": log_every_n_gen_steps, **dataclasses.asdict(hp)})
+        self.runtime = RuntimeConfig(channels_last=channels_last, compile=compile, fused_clamp=fused_clamp)
+        self.cpu_threads = cpu_threads
         self.automatic_optimization = False
         if hp.generator == "mlp":
             self.generator: torch.nn.Module = MLPGenerator(hp.latent_dim, channels, image_size, hp.g_features,
@@ -58,7 +73,7 @@ class WGAN(L.LightningModule):
             self.critic: torch.nn.Module = MLPCritic(channels, image_size, hp.d_features, hp.mlp_layers)
         else:
             self.critic = Critic(channels, image_size, hp.d_features, hp.critic_batchnorm, hp.n_extra_layers)
-        if hp.channels_last:  # NHWC weights; training_step converts the real batch, G's output follows its weights
+        if channels_last:  # NHWC weights; training_step converts the real batch, G's output follows its weights
             self.generator.to(memory_format=torch.channels_last)
             self.critic.to(memory_format=torch.channels_last)
         # The averaged generator lives in the module, so checkpoints hold it and a resume continues it exactly.
@@ -71,7 +86,7 @@ class WGAN(L.LightningModule):
                                                use_buffers=False)
             self.generator_ema.requires_grad_(False)  # no optimizer's, and DDP must not wait for its gradients
         self._ema_bn_step: int | None = None  # the gen_step of the averaged weights its BatchNorm stats fit
-        if hp.compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
+        if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
             self.generator.compile()
             self.critic.compile()
         # Persistent so a resumed run or a reloaded checkpoint draws its grids from the same noise.
@@ -99,7 +114,7 @@ class WGAN(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
-        real = batch.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else batch
+        real = batch.contiguous(memory_format=torch.channels_last) if self.runtime.channels_last else batch
         n = real.shape[0]
 
         hp = self.hparams
@@ -117,7 +132,7 @@ class WGAN(L.LightningModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
             opt_d.step()
-            if hp.clip_value > 0 and hp.fused_clamp:
+            if hp.clip_value > 0 and self.runtime.fused_clamp:
                 clamp_(self._critic_params, hp.clip_value)
             elif hp.clip_value > 0:  # the seed projects' loop, one kernel launch per tensor (kept to measure it)
                 for p in self.critic.parameters():
@@ -215,6 +230,12 @@ class WGAN(L.LightningModule):
             checkpoint["state_dict"].update(
                 {f"generator_ema.{k}": v for k, v in self.generator_ema.state_dict().items()})
         checkpoint["wgan_counters"] = {"gen_step": self.gen_step, "critic_step_in_iter": self.critic_step_in_iter}
+        checkpoint["wgan_runtime"] = self.runtime_record()
+
+    def runtime_record(self) -> dict[str, Any]:
+        """How this run computes (RUNTIME_KEYS): a resume reuses it rather than probing again (fast_path.py)."""
+        precision = str(self.trainer.precision) if self._trainer is not None else None
+        return {"precision": precision, "cpu_threads": self.cpu_threads, **dataclasses.asdict(self.runtime)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("wgan_counters", {})

@@ -49,8 +49,10 @@ def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:
 
 
 def build_model(cfg: TrainConfig, datamodule: L.LightningDataModule) -> WGAN:
+    # The runtime switches are arguments of their own: the module keeps them out of the hyperparameters.
     return WGAN(image_size=cfg.data.image_size, channels=datamodule.channels,
-                log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, **dataclasses.asdict(cfg.model))
+                log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, cpu_threads=cfg.cpu_threads,
+                **dataclasses.asdict(cfg.runtime), **dataclasses.asdict(cfg.model))
 
 
 def check_before_run(cfg: DictConfig) -> TrainConfig:
@@ -76,7 +78,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
     run_dir = Path(run_dir)
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_data()  # fail on missing or corrupt data before anything is written (read once)
-    cfg = fast_path.resolve(cfg, datamodule.channels)  # fast_path.probe: precision, threads, layout, compile
+    # fast_path.probe: precision, threads, layout, compile; a resume: the checkpoint's
+    cfg = fast_path.resolve(cfg, datamodule.channels)
+    if rank_zero_only.rank == 0:  # what checkpoints record as wgan_runtime, said once
+        log.info("Runtime: trainer.precision=%s cpu_threads=%d %s", cfg.trainer.get("precision") or "32-true",
+                 cfg.cpu_threads, " ".join(f"runtime.{k}={v}" for k, v in dataclasses.asdict(cfg.runtime).items()))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
