@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.config_store import ConfigStore
 
 from tests.conftest import assert_one_error, call, execute_notebook, tiny_classifier, write_fake_fashion_mnist
 from wgan_lit import classifier as clf
@@ -210,6 +211,8 @@ def test_a_rho_without_enough_scores_is_not_called_a_missing_arm():
 
 
 def test_the_metrics_classifier_is_built_before_the_first_arm_not_in_its_budget(tmp_path, monkeypatch):
+    store = ConfigStore.instance()  # as in a fresh process: the train schema not yet registered
+    monkeypatch.setattr(store, "repo", {k: v for k, v in store.repo.items() if k != "train_schema.yaml"})
     events = []
     monkeypatch.setattr(clf, "load_or_build", lambda path, root, **kw: events.append(("classifier", path, root)))
     monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: events.append(("train",)) or 1)  # fails the arm

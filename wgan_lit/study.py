@@ -138,7 +138,9 @@ def build_classifier(extra: list[str]) -> None:
     """Build the metrics' Fashion-MNIST classifier before the first arm if it is not cached: built inside an
     arm, it would spend that arm's budget (trainer.max_time counts it)."""
     from wgan_lit import classifier as clf
+    from wgan_lit.config import register_configs
 
+    register_configs()  # the schema that conf/train.yaml names
     train = cli.compose_or_exit("train", [*BASE, *extra])
     if train.data.name == "fashion_mnist":
         clf.load_or_build(train.metrics.classifier_path or None, train.data.root)
