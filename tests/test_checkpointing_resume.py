@@ -67,6 +67,8 @@ CHANGES = {
                  ["channels (set by data.name): checkpoint has 1, the config gives 3"]),
     "optimizer": ("plain", {}, {"optimizer": "adam"},
                   ["model.optimizer: checkpoint has 'rmsprop', the config gives 'adam'"]),
+    "with-a-harmless-change": ("plain", {}, {"n_extra_layers": 1, "lr_d": 1e-3},  # the rate is no suspect
+                               ["model.n_extra_layers: checkpoint has 0, the config gives 1"]),
     "two-at-once": ("plain", {}, {"latent_dim": 32, "d_features": 4},
                     ["model.latent_dim: checkpoint has 16, the config gives 32",
                      "model.d_features: checkpoint has 8, the config gives 4"]),

@@ -160,8 +160,9 @@ def architecture_mismatch(ckpt: dict[str, Any], model: L.LightningModule) -> lis
 
     It can when its weights have the names and shapes of ``model.state_dict()`` and its optimizer states are of
     the optimizer ``model`` makes (the kind is not in the saved state: torch loads Adam's into RMSprop and fails
-    at the first step, so it is read from the hyperparameters). When it cannot, every hyperparameter that differs
-    is named, as ``config key: checkpoint has A, the config gives B``: those are the settings to change back.
+    at the first step, so it is read from the hyperparameters). When it cannot, every differing hyperparameter
+    that changes the weights by itself is named, as ``config key: checkpoint has A, the config gives B``:
+    those are the settings to change back.
     """
     def shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -172,11 +173,22 @@ def architecture_mismatch(ckpt: dict[str, Any], model: L.LightningModule) -> lis
     wanted = dict(model.hparams)
     if saved_shapes == wanted_shapes and saved.get("optimizer") == wanted.get("optimizer"):
         return []
-    keys = [*wanted, *(k for k in saved if k not in wanted)]
-    differ = [f"{config_key(k)}: checkpoint has {saved.get(k)!r}, the config gives {wanted.get(k)!r}"
-              for k in keys if saved.get(k) != wanted.get(k)]
-    if differ:
-        return differ
+    keys = [k for k in [*wanted, *(k for k in saved if k not in wanted)] if saved.get(k) != wanted.get(k)]
+
+    def alone_breaks(key: str) -> bool:  # the checkpoint's settings with only this one as the config gives it
+        if key == "optimizer":
+            return True
+        try:
+            with torch.device("meta"):
+                other = type(model)(**{**saved, key: wanted[key]}) if key in wanted else None
+        except Exception:  # noqa: BLE001 - a combination the model refuses: keep the key as a suspect
+            return True
+        return other is None or shapes(other.state_dict()) != saved_shapes
+    # Name the settings that change the weights; a learning rate changed in the same command is no suspect.
+    culprits = [k for k in keys if alone_breaks(k)] or keys
+    if culprits:
+        return [f"{config_key(k)}: checkpoint has {saved.get(k)!r}, the config gives {wanted.get(k)!r}"
+                for k in culprits]
     # Same settings, other weights: written by a version of wgan_lit whose networks were built differently.
     name = min(k for k in saved_shapes.keys() | wanted_shapes.keys() if saved_shapes.get(k) != wanted_shapes.get(k))
     return [f"{name}: checkpoint has {saved_shapes.get(name, 'no such weight')}, the networks of the config have "
