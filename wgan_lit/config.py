@@ -2,7 +2,8 @@
 
 Hydra merges ``conf/`` and the command line into these dataclasses, so a wrong *type* (``model.n_critic=abc``)
 or an unknown key fails while the config is composed. Wrong *values* (``model.n_critic=0``) fail in
-:func:`validate`, which ``wgan_lit.cli`` runs before Hydra creates a run directory. The YAML files in ``conf/``
+:func:`validate`: for a single run before Hydra creates a run directory (``wgan_lit.cli``), for each job of a
+``-m`` sweep as the job starts (``wgan_lit.train``). The YAML files in ``conf/``
 state only what differs from the defaults here; ``trainer`` is open: any ``lightning.Trainer`` argument.
 """
 
