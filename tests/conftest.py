@@ -23,6 +23,7 @@ import wgan_lit.fashion_mnist as fmnist_mod
 from wgan_lit.classifier import FashionClassifier
 from wgan_lit.config import LoggerConfig, TrainConfig, register_configs
 from wgan_lit.data import InMemoryImages, pass_through, to_unit_range
+from wgan_lit.module import WGAN
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -64,6 +65,32 @@ def write_fake_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 64, g
 @pytest.fixture
 def fake_fmnist(tmp_path: Path) -> Path:
     return write_fake_fashion_mnist(tmp_path / "fmnist")
+
+
+# Checkpoints written by main at e089f38, before the runtime settings left the hyperparameters (and before the
+# averaged generator left its BatchNorm buffers out): g_features=d_features=4, latent_dim=8, 6 generator steps.
+LEGACY_CKPT = REPO / "tests" / "data" / "e089f38.ckpt"
+LEGACY_EMA_CKPT = REPO / "tests" / "data" / "e089f38_ema.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real ``python -m wgan_lit.train`` run shared by every test that only reads a run (never write into
+    it: copy it first). Fake Fashion-MNIST, the tiny model, averaged generator, 12 generator steps, curves every
+    step, grids every 3. Holds checkpoints/ (last.ckpt), tensorboard/, samples/, .hydra/, train.log."""
+    base = tmp_path_factory.mktemp("tiny_run")
+    data = write_fake_fashion_mnist(base / "fmnist")
+    run_cli(["-m", "wgan_lit.train", *TINY_ARGS, f"data.root={data}", "max_gen_steps=12", "model.ema_decay=0.9",
+             "logger.log_every_n_gen_steps=1", "logger.sample_every_n_gen_steps=3", "trainer.deterministic=true",
+             f"hydra.run.dir={base / 'run'}"], cwd=base)
+    return base / "run"
+
+
+@pytest.fixture
+def tiny_model() -> WGAN:
+    """The tiny model of every in-process test, with its averaged generator off (WGAN's defaults otherwise)."""
+    torch.manual_seed(0)
+    return WGAN(n_critic=2, **TINY)
 
 
 class RandomImages(L.LightningDataModule):

@@ -15,7 +15,7 @@ import re
 import shlex
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -34,6 +34,11 @@ T = TypeVar("T")
 def fail(message: str) -> NoReturn:
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def problems(rules: Iterable[tuple[str, Any, bool, str]]) -> list[str]:
+    """The one error format: ``key=value: expected ...`` for every (key, value, ok, expected) rule that fails."""
+    return [f"{key}={value!r}: expected {expected}" for key, value, ok, expected in rules if not ok]
 
 
 def describe(err: BaseException) -> str:
