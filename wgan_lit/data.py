@@ -115,10 +115,20 @@ class ResumableLoader(StatefulDataLoader):
             super().load_state_dict(state)
 
 
-class InMemoryDataModule(L.LightningDataModule):
-    """Serves ``self.images`` (uint8 N x C x H x W, from ``load_images``) in shuffled full batches."""
+MAX_REFERENCE = 10_000  # real images sample-quality metrics compare with (= the whole Fashion-MNIST test set)
 
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Serves ``self.images`` (uint8 N x C x H x W, from ``load_images``) in shuffled full batches.
+
+    A dataset is defined by its class: these attributes are what config, metrics and evaluate read."""
+
+    name = ""
     channels = 1
+    splits: tuple[str, ...] = ("train",)  # the valid data.split values
+    can_download = False  # data.download=true may fetch it
+    reference_split = "train"  # the split evaluate's sample-quality metrics compare against
+    has_classifier = False  # the Fashion-MNIST classifier metrics (fd_classifier, kid, coverage) apply
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__()
@@ -171,9 +181,17 @@ class InMemoryDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         return to_unit_range(batch)
 
+    def reference_images(self, split: str | None = None) -> torch.Tensor:
+        """Up to MAX_REFERENCE real images (uint8 N x C x S x S) metrics compare with: the images this module
+        serves (``split`` matters to datasets with a held-out split, see FashionMNISTDataModule)."""
+        if self.images is None:
+            self.setup("fit")
+        return self.images[:MAX_REFERENCE]
+
 
 class FashionMNISTDataModule(InMemoryDataModule):
-    channels = 1
+    name, channels, splits, can_download, reference_split, has_classifier = (
+        "fashion_mnist", 1, ("train", "test"), True, "test", True)
 
     def prepare_data(self) -> None:
         if self.images is None:  # read whole, so a corrupt file fails here, before anything is written
@@ -183,12 +201,18 @@ class FashionMNISTDataModule(InMemoryDataModule):
         images, _ = load_fashion_mnist(*locate_fashion_mnist(self.cfg.root, self.cfg.split, download))
         return resize_uint8(images, self.cfg.image_size)
 
+    def reference_images(self, split: str | None = None) -> torch.Tensor:
+        """The first MAX_REFERENCE images of ``split`` (default reference_split, the test set: what evaluate
+        reports; training passes "train", so the test set stays unseen)."""
+        images, _ = load_fashion_mnist(*locate_fashion_mnist(self.cfg.root, split or self.reference_split,
+                                                             self.cfg.download))
+        return resize_uint8(images[:MAX_REFERENCE], self.cfg.image_size)
+
 
 class CachedImageDataModule(InMemoryDataModule):
     """RGB images from files, decoded once into a cache; subclasses say which files."""
 
     channels = 3
-    dataset_name = ""
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
@@ -206,7 +230,7 @@ class CachedImageDataModule(InMemoryDataModule):
         """The finished cache file of this data, built first if needed."""
         if self.cache_file is None or not self.cache_file.is_file():
             source, files = self.list_files()
-            spec = CacheSpec(self.dataset_name, self.cache_split(), self.cfg.image_size, self.cfg.center_crop)
+            spec = CacheSpec(self.name, self.cache_split(), self.cfg.image_size, self.cfg.center_crop)
             self.cache_file = ensure_cache(files, source, spec, self.cache_dir)
         return self.cache_file
 
@@ -223,7 +247,7 @@ class CachedImageDataModule(InMemoryDataModule):
 class CelebADataModule(CachedImageDataModule):
     """CelebA faces from ``<root>/celeba/img_align_celeba``; ``list_eval_partition.txt`` picks the split."""
 
-    dataset_name = "celeba"
+    name, channels, splits = "celeba", 3, ("train", "valid", "test", "all")
 
     def list_files(self) -> tuple[Path, list[Path]]:
         return celeba_files(self.cfg.root, self.cfg.split)
@@ -232,7 +256,7 @@ class CelebADataModule(CachedImageDataModule):
 class ImageFolderDataModule(CachedImageDataModule):
     """Every image under ``root``, recursively: LSUN exports, your own photos. No splits: all files."""
 
-    dataset_name = "folder"
+    name, channels, splits = "folder", 3, ("train", "all")  # a folder has no splits: both mean every image
 
     def list_files(self) -> tuple[Path, list[Path]]:
         return folder_files(self.cfg.root)
@@ -241,10 +265,11 @@ class ImageFolderDataModule(CachedImageDataModule):
         return "all"  # a folder has no splits: train and all are the same files, so one cache
 
 
-DATA_MODULES: dict[str, type[InMemoryDataModule]] = {
-    "fashion_mnist": FashionMNISTDataModule, "celeba": CelebADataModule, "folder": ImageFolderDataModule,
-}
+# data.name -> its class; a new dataset is a class with the attributes above and one entry here.
+DATAMODULES: dict[str, type[InMemoryDataModule]] = {
+    c.name: c for c in (FashionMNISTDataModule, CelebADataModule, ImageFolderDataModule)}
+DATA_MODULES = DATAMODULES  # old name, until its users read DATAMODULES
 
 
 def build_datamodule(cfg: DataConfig) -> InMemoryDataModule:
-    return DATA_MODULES[cfg.name](cfg)
+    return DATAMODULES[cfg.name](cfg)
