@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -90,9 +91,7 @@ class WGAN(L.LightningModule):
             self.generator.compile()
             self.critic.compile()
         # Persistent so a resumed run or a reloaded checkpoint draws its grids from the same noise.
-        gen = torch.Generator().manual_seed(hp.fixed_noise_seed)
-        fixed = torch.randn(hp.n_fixed_samples, hp.latent_dim, generator=gen)
-        self.register_buffer("fixed_noise", fixed)
+        self.register_buffer("fixed_noise", self.latents(hp.n_fixed_samples, hp.fixed_noise_seed))
         self.gen_step = 0  # generator updates done
         # Divergence guard: the first generator step (absolute, 1-based) at which a loss was NaN/inf, inf while
         # none was. On the device, so it costs no sync per step; read at log points and before every checkpoint
@@ -255,10 +254,9 @@ class WGAN(L.LightningModule):
         if self.generator_ema is None:
             return False
         if self._ema_bn_step != self.gen_step:
-            gen = torch.Generator().manual_seed(self.hparams.fixed_noise_seed)
-            noise = (torch.randn(self.EMA_BN_BATCH, self.hparams.latent_dim, generator=gen)
-                     for _ in range(self.EMA_BN_BATCHES))
-            update_bn(noise, self.generator_ema.module, device=self.device)
+            # One draw of all the codes is bit-identical to consecutive per-batch draws from one generator.
+            noise = self.latents(self.EMA_BN_BATCHES * self.EMA_BN_BATCH, self.hparams.fixed_noise_seed)
+            update_bn(noise.split(self.EMA_BN_BATCH), self.generator_ema.module, device=self.device)
             self._ema_bn_step = self.gen_step
         return True
 
@@ -274,11 +272,16 @@ class WGAN(L.LightningModule):
         finally:
             net.train(was_training)
 
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """``n`` fresh images in [-1, 1]; a seed makes them reproducible without touching the global RNG."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        z = torch.randn(n, self.hparams.latent_dim, generator=gen)
-        return self.generate(z)
+    def latents(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` latent codes from ``seed``, drawn on the CPU from a private generator: the same codes on any
+        device, and the training's random stream untouched."""
+        return torch.randn(n, self.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
+
+    def sample(self, z: torch.Tensor, batch_size: int = 256, ema: bool = True) -> Iterator[torch.Tensor]:
+        """Images for the codes ``z``, ``batch_size`` at a time: float32 in [-1, 1] on the module's device, from
+        the averaged generator when there is one (unless ``ema=False``), as :meth:`generate` makes them."""
+        for start in range(0, len(z), batch_size):
+            yield self.generate(z[start:start + batch_size], ema=ema).float().clamp_(-1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
