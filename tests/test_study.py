@@ -53,8 +53,8 @@ def test_a_tiny_study_trains_scores_reports_reuses_and_renders_from_its_data_alo
     assert str(runs.parent) not in page + data and "| 0.01 | wgan_dcgan |" in page  # no folder of this machine
     arm = json.loads(data)["arms"]["wgan_dcgan"]
     assert arm["scores"]["fd_classifier"] == pytest.approx(ev["metrics"]["fd_classifier"], rel=1e-5, abs=1e-9)
-    assert len(arm["loss_vs_fd"]["step"]) >= 4 and arm["samples"]["shape"] == [36, 1, 28, 28]
-    assert 0 < arm["critic_weights"]["at_bound"] <= 1 and sum(arm["critic_weights"]["hist"]) > 0
+    assert len(arm["loss_vs_fd"]["step"]) >= 4 and arm["samples"]["shape"] == [36, 1, 28, 28] and 0 < arm[
+        "critic_weights"]["at_bound"] <= 1 and sum(arm["critic_weights"]["hist"]) > 0  # an architecture and clip arm
     assert not {"samples", "critic_weights"} & study.arm_data("wgan_gp", runs / "wgan_dcgan").keys()  # neither arm
     assert study.arm_data("gan_mlp", runs / "wgan_dcgan")["loss"]["tag"] == "critic/js_estimate"
     shutil.copytree(runs / "wgan_dcgan", tmp_path / "wgan_dcgan")  # finished: reused; other settings: trained again
@@ -72,9 +72,9 @@ def test_a_tiny_study_trains_scores_reports_reuses_and_renders_from_its_data_alo
         assert study.main([f"render={out / 'paper_data.json'}", f"out={tmp_path / 'again'}"]) == 0
     finally:
         runs.with_name("moved").rename(runs)
-    assert (tmp_path / "again" / "paper.md").read_bytes() == (out / "paper.md").read_bytes()
-    assert all((tmp_path / "again" / name).stat().st_size > 1000 for name in FIGURES)
-    assert not (tmp_path / "again" / "paper_data.json").exists()
+    again = tmp_path / "again"
+    assert (again / "paper.md").read_bytes() == (out / "paper.md").read_bytes()
+    assert all((again / name).stat().st_size > 1000 for name in FIGURES) and not (again / "paper_data.json").exists()
 
 def flipped(**changes) -> str:
     """The committed data's page with arms removed (None), other fd_classifier scores or other (loss, fd) pairs."""
