@@ -16,7 +16,7 @@ efficiency is (matmul/conv FLOPs of one generator iteration, counted by ``FlopCo
 by the float32 matmul peak timed on the same device in the same process.
 
     python benchmarks/throughput.py                      # CPU, default Fashion-MNIST settings
-    python benchmarks/throughput.py --quick              # smoke test: a few iterations per variant
+    python benchmarks/throughput.py --quick              # smoke test: one timed iteration per variant
     python benchmarks/throughput.py --device cuda --image-size 64 --channels 3
     python benchmarks/throughput.py --probe --features 32 --variants lightning "lightning bf16-mixed" \
         "lightning NCHW" "lightning compile" "lightning 1 thread"   # the probe's choice vs each fixed setting
@@ -237,11 +237,12 @@ def probe_choice(cfg: argparse.Namespace, tmp: Path) -> tuple[str, list[str]]:
         probe += ["fast_path.iters=2", "fast_path.rounds=1", "fast_path.compile=false"]
     tc, _ = compose_config(cfg, probe)
     chosen = fast_path.resolve(tc, cfg.channels)
-    cand = fast_path.Candidate(chosen.trainer["precision"], chosen.cpu_threads, chosen.runtime.channels_last,
-                               chosen.runtime.compile)
-    return f"lightning fast_path choice ({cand.label()})", [
-        f"trainer.precision={cand.precision}", f"cpu_threads={cand.threads}",
-        f"runtime.channels_last={str(cand.channels_last).lower()}", f"runtime.compile={str(cand.compile).lower()}"]
+    precision, threads, rt = chosen.trainer["precision"], chosen.cpu_threads, chosen.runtime
+    label = (f"{precision}, {threads or 'all'} thread{'s' * (threads != 1)}, "
+             f"{'channels_last' if rt.channels_last else 'NCHW'}{', compile' * rt.compile}")
+    return f"lightning fast_path choice ({label})", [
+        f"trainer.precision={precision}", f"cpu_threads={threads}",
+        f"runtime.channels_last={str(rt.channels_last).lower()}", f"runtime.compile={str(rt.compile).lower()}"]
 
 
 # ---- FLOPs and the matmul peak --------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def matmul_peak(device: torch.device, quick: bool) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a few iterations per variant (CI smoke test)")
+    p.add_argument("--quick", action="store_true", help="one timed iteration per variant, one round (smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=3, help="untimed generator iterations per variant and round")
     p.add_argument("--iters", type=int, default=10, help="timed generator iterations per variant and round")
@@ -301,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="first run fast_path's probe, then time its choice next to the fixed settings")
     args = p.parse_args(argv)
     if args.quick:
-        args.warmup, args.iters, args.repeats = 1, 2, 1
+        args.warmup, args.iters, args.repeats = 1, 1, 1  # the fewest that give a rate (two time stamps)
     args.device = torch.device(args.device)
     return args
 

@@ -1,89 +1,76 @@
-"""benchmarks/throughput.py --quick --probe runs end to end and prints every line it promises (no timing checks)."""
+"""benchmarks/throughput.py --quick --probe and time_to_quality.py, in-process: every line they promise (no timings)."""
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
-from tests.conftest import REPO
+from tests.conftest import REPO, write_fake_fashion_mnist
 
-SYSTEM_FMNIST = "/usr/share/datasets/fashion-mnist"
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 RATE = re.compile(r"^rate\[(?P<name>[^\]]+)\]: (?P<rate>[\d.]+) gen_iter/s  ratio_vs_plain: (?P<ratio>[\d.]+)  "
                   r"flop_efficiency: (?P<eff>[\d.]+)%  rounds: [\d. ]+$", re.M)
 
-
-@pytest.mark.slow
-@pytest.mark.real_data
-@pytest.mark.skipif(not os.path.isdir(SYSTEM_FMNIST), reason=f"needs the real Fashion-MNIST in {SYSTEM_FMNIST}")
-def test_quick_benchmark_prints_rates_ratios_and_flop_efficiency(tmp_path):
-    variants = ["lightning", "lightning per-item loader", "lightning python clamp", "lightning NCHW"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--threads", "1",
-         "--features", "8", "--latent-dim", "16", "--probe", "--variants", *variants],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+def test_quick_throughput_prints_the_probes_choice_rates_ratios_and_flop_efficiency(tmp_path, monkeypatch, capsys):
+    write_fake_fashion_mnist(tmp_path / "data")  # both sides read ./data: the plain loop and the data module
+    monkeypatch.chdir(tmp_path)
+    threads, variants = torch.get_num_threads(), ["lightning", "lightning per-item loader"]
+    try:
+        script("throughput").main(["--quick", "--threads", "1", "--features", "8", "--latent-dim", "16",
+                                   "--batch-size", "16", "--n-critic", "1", "--probe", "--variants", *variants])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
     assert re.search(r"^device: cpu  torch \S+  lightning \S+  threads 1$", out, re.M), out
     assert re.search(r"^flops_per_gen_iter: [\d.]+ GFLOP  matmul_peak: [\d.]+ GFLOP/s$", out, re.M), out
     chosen = re.search(r"^probe: (fast_path choice \((32-true|bf16-mixed), [^)]+\))$", out, re.M)
     assert chosen, out  # the probe's pick, timed next to the fixed settings
     rows = {m["name"]: m for m in RATE.finditer(out)}
     assert list(rows) == ["plain", f"lightning {chosen[1]}", *variants], out
-    assert float(rows["plain"]["ratio"]) == 1.0
+    assert float(rows["plain"]["ratio"]) == 1.0 and all(float(r["ratio"]) > 0 for r in rows.values())
     assert all(float(r["rate"]) > 0 and float(r["eff"]) > 0 for r in rows.values())
-    assert list(tmp_path.iterdir()) == [], "the benchmark must clean up after itself"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"], "the benchmark must clean up after itself"
 
+def scored_run(folder, scores: list[float], every_s: float, raw: bool):
+    """A run's TensorBoard scalars as metrics.every_n_seconds writes them: a score every ``every_s`` seconds and
+    every 2 generator steps from step 0, the raw generator's beside them with model.ema_decay."""
+    with SummaryWriter(str(folder / "tensorboard")) as writer:
+        for i, score in enumerate(scores):
+            writer.add_scalar("metrics/fd_classifier", score, 2 * i, walltime=1000 + every_s * i)
+            if raw:
+                writer.add_scalar("metrics_raw/fd_classifier", score + 1, 2 * i, walltime=1000 + every_s * i)
+    return folder
 
-@pytest.fixture(scope="module")
-def scored_runs(tmp_path_factory) -> dict[str, Path]:
-    """Two tiny runs that scored themselves every 2 generator steps, one with an averaged generator."""
-    from tests.conftest import tiny_classifier, tiny_config, write_fake_fashion_mnist
-    from wgan_lit import classifier as clf
-    from wgan_lit.train import train
-
-    tmp = tmp_path_factory.mktemp("ttq")
-    data = write_fake_fashion_mnist(tmp / "data", n_train=128, n_test=64)
-    weights = clf.save(tiny_classifier(), tmp / "c.pt", test_accuracy=1.0)
-    runs = {}
-    for name, ema in (("plain", 0.0), ("ema", 0.9)):
-        cfg = tiny_config(data, 6, ema_decay=ema)
-        m = cfg.metrics
-        m.every_n_gen_steps, m.n_samples, m.kid_subsets, m.inception, m.classifier_path = 2, 40, 5, False, str(weights)
-        train(cfg, tmp / name)
-        runs[name] = tmp / name
-    return runs
-
-
-def test_time_to_quality_draws_and_tabulates_every_run(scored_runs, tmp_path):
+def test_time_to_quality_draws_and_tabulates_every_run(tmp_path, capsys):
+    paper = scored_run(tmp_path / "paper", [90.0, 80.0, 70.0, 60.0], every_s=60, raw=False)
+    preset = scored_run(tmp_path / "preset", [50.0, 40.0, 30.0, 20.0], every_s=60, raw=True)
     out = tmp_path / "ttq.png"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "time_to_quality.py"), f"paper={scored_runs['plain']}",
-         f"preset={scored_runs['ema']}", "--out", str(out)],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:-1]}
-    assert set(rows) == {"paper", "preset"}
-    for row in rows.values():
-        assert row[1] == "4" and row[-1] == "6"  # scores at steps 0, 2, 4, 6; the final generator step
-    assert out.stat().st_size > 5000 and f"wrote {out}" in proc.stdout
+    assert script("time_to_quality").main([f"paper={paper}", f"n_critic=1={preset}", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert lines[0].split()[:3] == ["run", "scores", "1"] and set(rows) == {"paper", "n_critic=1"}
+    # 4 scores; at 1 and 2 minutes, nothing at 5 and later (the run ended at 3); the last score, minutes, step
+    assert rows["n_critic=1"][1:] == ["4", "40.0", "30.0", "20.0", "3.0", "6"] and rows["paper"][-1] == "6"
+    assert out.stat().st_size > 5000 and lines[-1] == f"wrote {out}"
 
-
-def test_time_to_quality_refuses_a_run_without_scores(tmp_path):
+def test_time_to_quality_refuses_a_run_without_scores_and_a_missing_run(tmp_path, capsys):
     (tmp_path / "run" / "tensorboard").mkdir(parents=True)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "time_to_quality.py"), f"x={tmp_path / 'run'}", "y=/nowhere",
-         "--out", str(tmp_path / "t.png")],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "expected LABEL=RUN_DIR" in proc.stderr and "y=/nowhere" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "time_to_quality.py"), f"x={tmp_path / 'run'}",
-         "--out", str(tmp_path / "t.png")],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "0 metrics/fd_classifier scores" in proc.stderr
-    assert "metrics.every_n_seconds=60" in proc.stderr and not (tmp_path / "t.png").exists()
+    ttq = script("time_to_quality")
+    with pytest.raises(SystemExit) as stop:
+        ttq.main([f"x={tmp_path / 'run'}", "y=/nowhere", "--out", str(tmp_path / "t.png")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "expected LABEL=RUN_DIR" in err and "y=/nowhere" in err
+    with pytest.raises(SystemExit) as stop:
+        ttq.main([f"x={tmp_path / 'run'}", "--out", str(tmp_path / "t.png")])
+    assert "0 metrics/fd_classifier scores" in stop.value.code and "metrics.every_n_seconds=60" in stop.value.code
+    assert not (tmp_path / "t.png").exists()

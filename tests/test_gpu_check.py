@@ -1,57 +1,53 @@
-"""benchmarks/gpu_check.sh where there is no CUDA GPU: it says so and exits 0 at once; a wrong argument is one line.
-Its helpers' logic that runs the same on any machine: which requirements it installs, the checkpoint comparison."""
+"""benchmarks/gpu_check.sh without CUDA (one line, exit 0 at once), a wrong argument; gpu_check.py's logic."""
 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.test_benchmark import script
 
-SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-_spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
+gpu_check = script("gpu_check")
 
 
-def run_script(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    # This interpreter has torch; CUDA_VISIBLE_DEVICES="" hides any GPU, so the test holds on a GPU machine too.
+def run_script(args: list[str], cwd, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
+    # CUDA_VISIBLE_DEVICES="" hides any GPU from torch, so the test holds on a GPU machine too.
     base = {k: v for k, v in os.environ.items() if k != "OUT"}
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**base, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **env})
-
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={**base, "PYTHON": python, "CUDA_VISIBLE_DEVICES": "", **env})
 
 @pytest.mark.parametrize("where", ["argument", "OUT", "default"])
 def test_without_cuda_it_says_so_writes_only_the_summary_and_exits_0_at_once(tmp_path, where):
-    out = {"argument": tmp_path / "given", "OUT": tmp_path / "from_env", "default": tmp_path / "gpu_check_out"}[where]
+    """This interpreter's torch answers once; where only the output folder differs, a stand-in for it (fast)."""
+    python, version = sys.executable, torch.__version__
+    if where != "argument":
+        (python := tmp_path / "python").write_text("#!/bin/sh\necho False 9.9\n")
+        python.chmod(0o755)
+        version = "9.9"
+    (cwd := tmp_path / "cwd").mkdir()
+    out = {"argument": cwd / "given", "OUT": cwd / "from_env", "default": cwd / "gpu_check_out"}[where]
     start = time.monotonic()
-    proc = run_script([str(out)] if where == "argument" else [], tmp_path,
+    proc = run_script([str(out)] if where == "argument" else [], cwd, str(python),
                       **({"OUT": str(out)} if where == "OUT" else {}))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert time.monotonic() - start < 60  # one torch import, no install, no data, no training
-    line = f"gpu_check: skipped, no CUDA GPU: torch {__import__('torch').__version__} in {sys.executable} finds none"
-    assert proc.stdout == line + "\n"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == [out.name, "summary.txt"]
-    assert (out / "summary.txt").read_text() == line + "\n"
-
+    assert proc.returncode == 0 and time.monotonic() - start < 60, proc.stdout + proc.stderr  # no install, no data
+    line = f"gpu_check: skipped, no CUDA GPU: torch {version} in {python} finds none\n"
+    assert proc.stdout == line and (out / "summary.txt").read_text() == line
+    assert sorted(p.name for p in cwd.rglob("*")) == [out.name, "summary.txt"]
 
 @pytest.mark.parametrize("args", [["--quick"], ["a", "b"]], ids=["option", "two-folders"])
 def test_a_wrong_argument_is_one_line_exit_2_and_nothing_written(tmp_path, args):
     proc = run_script(args, tmp_path)
-    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1 and not any(
+        tmp_path.iterdir())
     assert proc.stderr.startswith("Error: gpu_check.sh takes one optional argument, the output folder; got: ")
-    assert len(proc.stderr.splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []
-
 
 def test_it_installs_only_the_missing_requirements_and_never_torch(monkeypatch):
     assert gpu_check.missing() == []  # control: this environment has everything
@@ -61,11 +57,9 @@ def test_it_installs_only_the_missing_requirements_and_never_torch(monkeypatch):
         if name in ("torchdata", "hydra-core", "torch", "pytest"):
             raise importlib.metadata.PackageNotFoundError(name)
         return real(name)
-
     monkeypatch.setattr(importlib.metadata, "distribution", absent)
     listed = gpu_check.missing()  # requirement strings as pyproject.toml writes them, in its order
     assert [re.split(r"[<>=!~;\[ ]", r)[0] for r in listed] == ["hydra-core", "torchdata", "pytest"], listed
-
 
 def test_compare_sees_a_difference_in_any_tensor_however_deep(tmp_path):
     ckpt = {"wgan_counters": {"gen_step": 3}, "state_dict": {"w": torch.ones(2)},
