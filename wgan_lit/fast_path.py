@@ -136,7 +136,7 @@ class GenIterStamps(L.Callback):
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             self.stamps.append(time.perf_counter())
-            trainer.should_stop = module.gen_step >= self.warmup + self.iters
+            trainer.should_stop |= module.gen_step >= self.warmup + self.iters  # never unsets a stop
 
 def time_candidate(cfg: TrainConfig, channels: int, cand: Candidate, iters: int, warmup: int = 2) -> float:
     """Median seconds per generator iteration; every RNG (CUDA's too), the thread count and log level kept."""
