@@ -1,303 +1,172 @@
-"""config.py: every group option composes; defaults live in the dataclasses alone; the trainer group takes any
-lightning.Trainer argument; bad values fail with one line naming the key before anything is written."""
+"""config.py: group options, defaults in the dataclasses alone, open trainer, one line per bad value, registries."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import lightning as L
 import pytest
 import torch
-from hydra.errors import ConfigCompositionException
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
-from tests.conftest import REPO, compose_train, run_cli
-from wgan_lit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, check_trainer, validate
+from tests.conftest import REPO, compose_train
+from wgan_lit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, _rules, validate
+from wgan_lit.data import DATAMODULES
+from wgan_lit.losses import LOSSES
+from wgan_lit.metrics import METRICS
 from wgan_lit.module import WGAN
 
-CONF = REPO / "conf"
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+CONF, GPU = REPO / "conf", torch.cuda.is_available()
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "trainer", "logger", "metrics")
-                                          for o in options(g)] + [("experiment", o) for o in options("experiment")])
+@pytest.mark.parametrize("group,option", [(p.parent.name, p.stem) for p in sorted(CONF.glob("*/*.yaml"))])
 def test_every_group_option_composes_and_validates(group, option):
-    if option in ("gpu", "ddp") and not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="trainer.accelerator=gpu: no GPU is visible.*trainer=cpu"):
-            validate(compose_train([f"{group}={option}"]))
-        return
-    assert isinstance(validate(compose_train([f"{group}={option}"])), TrainConfig)
+    gpu, no_gpu = option in ("gpu", "ddp"), "^trainer.accelerator='gpu': expected an accelerator this machine has"
+    with pytest.raises(ConfigError, match=no_gpu) if gpu and not GPU else contextlib.nullcontext():
+        cfg = validate(compose_train([f"{group}={option}"]))
+        assert not gpu or L.Trainer(**cfg.trainer).strategy.root_device.type == "cuda"
 
 
-def test_defaults_are_the_papers_and_live_in_the_dataclasses():
-    cfg = validate(compose_train([]))
-    m = cfg.model
-    paper = ("rmsprop", 5e-5, 5e-5, 0.01, 5, 100)
-    assert (m.optimizer, m.lr_g, m.lr_d, m.clip_value, m.n_critic, m.latent_dim) == paper
+def test_defaults_are_the_papers_live_in_the_dataclasses_and_yaml_files_state_only_differences():
+    m = (cfg := validate(compose_train([]))).model
+    assert (m.optimizer, m.lr_g, m.lr_d, m.clip_value, m.n_critic, m.latent_dim) == ("rmsprop", 5e-5, 5e-5, .01, 5, 100)
     assert cfg.model == ModelConfig() and cfg.data == DataConfig()  # the YAML files add nothing to them
     assert dict(WGAN().hparams) == {"image_size": 28, "channels": 1, "log_every_n_gen_steps": 10,
                                     **dataclasses.asdict(ModelConfig())}  # the module takes the same defaults
-
-
-def test_yaml_files_state_only_what_differs_from_the_dataclass_defaults():
-    defaults = OmegaConf.structured(TrainConfig)
-    for group, schema in (("model", "model"), ("data", "data"), ("logger", "logger"), ("metrics", "metrics")):
-        for path in (CONF / group).glob("*.yaml"):
-            own = OmegaConf.load(path) or {}
-            for key, value in own.items():
-                if key != "defaults":
-                    assert defaults[schema][key] != value, f"{path.name} repeats the default {key}={value}"
-    preset = OmegaConf.load(CONF / "experiment" / "celeba_64.yaml")
-    assert set(preset.model) == {"latent_dim"}  # the one model setting it changes
-
-
-def test_trainer_options_inherit_the_default_and_the_default_is_one_device():
-    default, cpu = validate(compose_train([])).trainer, validate(compose_train(["trainer=cpu"])).trainer
-    assert default["devices"] == 1 and "accelerator" not in default  # Lightning's own default: auto
-    assert cpu == {**default, "accelerator": "cpu"}
-
-
-@pytest.mark.parametrize("override,key,value", [
-    ("trainer.limit_train_batches=2", "limit_train_batches", 2),
-    ("trainer.fast_dev_run=true", "fast_dev_run", True),
-    ("trainer.profiler=simple", "profiler", "simple"),
-    ("trainer.log_every_n_steps=7", "log_every_n_steps", 7),
-    ("+trainer.gradient_clip_val=0.5", "gradient_clip_val", 0.5),  # Hydra's append syntax works too
-])
-def test_any_trainer_argument_is_accepted_and_reaches_the_trainer(override, key, value):
-    cfg = validate(compose_train(["trainer=cpu", override]))
-    assert cfg.trainer[key] == value
-    assert key not in validate(compose_train(["trainer=cpu"])).trainer or key == "log_every_n_steps"  # control
-
-
-@pytest.mark.parametrize("override,message", [
-    ("trainer.limit_trian_batches=2", "trainer.limit_trian_batches: not an argument of lightning.Trainer; did you "
-                                      "mean trainer.limit_train_batches?"),
-    ("trainer.callbacks=[]", "trainer.callbacks: set by wgan_lit"),
-    ("trainer.precision=foo", "trainer.precision='foo': lightning.Trainer refused it: Precision 'foo' is invalid"),
-    ("trainer.max_time=soon", "trainer.max_time='soon': lightning.Trainer refused it"),
-    ("trainer.max_epochs=0", "trainer.max_epochs=0: expected -1 (no limit) or an integer >= 1"),
-])
-def test_a_bad_trainer_argument_is_one_line_naming_it(override, message):
-    with pytest.raises(ConfigError) as err:
-        validate(compose_train(["trainer=cpu", override]))
-    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
-
-
-def test_check_trainer_passes_good_arguments_and_names_each_bad_one():
-    assert check_trainer({"accelerator": "cpu", "limit_train_batches": 3}) == []
-    assert check_trainer({"accelerator": "cpu", "nope": 1, "logger": False}) == [
-        "trainer.nope: not an argument of lightning.Trainer",
-        "trainer.logger: set by wgan_lit; use the logger group (logger=tensorboard or logger=csv)"]
-
-
-def test_every_value_is_overridable():
-    cfg = validate(compose_train(["model.clip_value=0.02", "model.n_critic=3", "data.batch_size=32", "trainer=cpu",
-                                  "max_gen_steps=7", "logger.sample_every_n_gen_steps=0"]))
-    assert (cfg.model.clip_value, cfg.model.n_critic, cfg.data.batch_size, cfg.max_gen_steps) == (0.02, 3, 32, 7)
-
-
-@pytest.mark.parametrize("override,key", [("model.n_critic=abc", "model.n_critic"),
-                                          ("model.clip_value=big", "model.clip_value"),
-                                          ("model.nope=1", "model.nope")])
-def test_wrong_types_and_unknown_keys_fail_at_compose_time(override, key):
-    with pytest.raises(ConfigCompositionException) as err:
-        compose_train([override])
-    assert key in str(err.value) or key in str(err.value.__cause__)
-
-
-@pytest.mark.parametrize("override,key", [
-    ("model.n_critic=0", "model.n_critic=0"), ("model.clip_value=-1", "model.clip_value=-1.0"),
-    ("model.lr_d=0", "model.lr_d=0.0"), ("data.batch_size=0", "data.batch_size=0"),
-    ("data.image_size=30", "data.image_size=30"), ("model.optimizer=sgd", "model.optimizer='sgd'"),
-    ("max_gen_steps=0", "max_gen_steps=0"), ("cpu_threads=-1", "cpu_threads=-1"),
-])
-def test_bad_values_name_the_key_and_what_is_allowed(override, key):
-    with pytest.raises(ConfigError, match="expected") as err:
-        validate(compose_train([override]))
-    assert str(err.value).startswith(key)
-
-
-@pytest.mark.parametrize("override,used_with", [
-    ("model.adam_beta1=0", "model.optimizer=adam"), ("model.mlp_layers=2", "model.critic=mlp"),
-    ("model.n_extra_layers=1", None),
-])
-def test_a_key_nothing_reads_is_refused_and_accepted_where_it_is_read(override, used_with):
-    only_mlp = ["model.generator=mlp", "model.critic=mlp"] if used_with is None else []
-    with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}=.*it is read only with"):
-        validate(compose_train([*only_mlp, override]))
-    if used_with:  # control: where the key is read it is accepted
-        validate(compose_train([used_with, override]))
-
-
-def test_the_wasserstein_critic_needs_a_constraint_and_the_penalty_refuses_critic_batchnorm():
-    with pytest.raises(ConfigError, match="model.clip_value=0.0: .*Lipschitz"):
-        validate(compose_train(["model.clip_value=0"]))
-    with pytest.raises(ConfigError, match="model.critic_batchnorm=True: .*BatchNorm mixes"):
-        validate(compose_train(["model.clip_value=0", "model.gp_weight=10"]))
-    gp = validate(compose_train(["model=wgan_gp"])).model  # control: the penalty's own option is consistent
+    gp = validate(compose_train(["model=wgan_gp"])).model  # the penalty's own option is consistent
     assert (gp.gp_weight, gp.clip_value, gp.critic_batchnorm, gp.adam_beta1, gp.adam_beta2) == (10, 0, False, 0, 0.9)
     assert validate(compose_train(["model=gan"])).model.clip_value == 0  # the GAN needs no constraint
+    for group in ("model", "data", "logger", "metrics"):
+        for path in (CONF / group).glob("*.yaml"):
+            for key, value in (OmegaConf.load(path) or {}).items():
+                assert key == "defaults" or getattr(getattr(TrainConfig(), group), key) != value, (path, key)
+    assert set(OmegaConf.load(CONF / "experiment" / "celeba_64.yaml").model) == {"latent_dim"}  # all it changes
+    assert cfg.trainer["devices"] == 1 and "accelerator" not in cfg.trainer  # Lightning's own default: auto
+    assert validate(compose_train(["trainer=cpu"])).trainer == {**cfg.trainer, "accelerator": "cpu"}  # inherits
 
 
-def test_a_missing_ckpt_path_is_rejected_with_the_config(tmp_path):
-    with pytest.raises(ConfigError, match=r"ckpt_path='.*gone.ckpt': expected an existing checkpoint file"):
-        validate(compose_train([f"ckpt_path={tmp_path}/gone.ckpt"]))
+@pytest.mark.parametrize("overrides,value", [
+    ("trainer.limit_train_batches=2", 2), ("trainer.fast_dev_run=true", True), ("trainer.profiler=simple", "simple"),
+    ("trainer.log_every_n_steps=7", 7), ("+trainer.gradient_clip_val=0.5", 0.5),  # Hydra's append syntax too
+    ("trainer.precision=bf16-mixed", "bf16-mixed"), ("trainer.devices=2", 2), ("model.clip_value=0.02", 0.02),
+    ("data.batch_size=32", 32), ("model.optimizer=adam model.adam_beta1=0", 0),  # read with Adam: accepted
+    ("model.critic=mlp model.mlp_layers=2", 2), ("model.generator=mlp model.n_extra_layers=1", 1),
+])
+def test_any_trainer_argument_and_every_value_is_accepted_and_reaches_the_config(overrides, value):
+    key = overrides.split()[-1].lstrip("+").split("=")[0]
+    assert OmegaConf.select(OmegaConf.structured(validate(compose_train(overrides.split()))), key) == value
+    assert OmegaConf.select(OmegaConf.structured(validate(compose_train([]))), key) != value  # control
 
 
-def test_device_resident_refuses_worker_processes():
-    with pytest.raises(ConfigError, match="data.num_workers=2.*device_resident"):
-        validate(compose_train(["data.device_resident=true", "data.num_workers=2"]))
-    validate(compose_train(["data.device_resident=true"]))
-    validate(compose_train(["data.num_workers=2"]))
+def test_a_dataset_a_loss_and_a_metric_added_from_a_test_file_are_accepted(monkeypatch):
+    overrides = ["data.name=toy", "data.split=odd", "data.download=true", "model.loss=hinge",
+                 "metrics.checkpoint_monitor=sharpness"]
+    with pytest.raises(ConfigError) as err:  # control: unknown before they are added
+        validate(compose_train(overrides))
+    assert [line.split("=")[0] for line in str(err.value).splitlines()] == [
+        "model.loss", "data.name", "metrics.checkpoint_monitor"]
+    toy = type("Toy", (DATAMODULES["folder"],), {"name": "toy", "splits": ("odd",), "can_download": True})
+    monkeypatch.setitem(DATAMODULES, "toy", toy), monkeypatch.setitem(LOSSES, "hinge", LOSSES["gan"])
+    monkeypatch.setitem(METRICS, "sharpness", METRICS["coverage"])
+    cfg = validate(compose_train(overrides))
+    assert (cfg.data.name, cfg.data.split, cfg.data.download, cfg.model.loss) == ("toy", "odd", True, "hinge")
+    monkeypatch.setattr(toy, "splits", ("train",))  # the split is the class's to allow
+    with pytest.raises(ConfigError, match="^data.split='odd': expected one of train for data.name=toy$"):
+        validate(compose_train(overrides))
 
 
-# ---- the trainer options -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("option", ["ddp", "ddp_cpu"])
-def test_ddp_options_find_unused_parameters(option):
-    # The critic step leaves the generator without gradients: DDP without it fails on the second step.
-    trainer = dict(compose_train([f"trainer={option}"]).trainer)
-    if option == "ddp" and not torch.cuda.is_available():
-        trainer.update(accelerator="cpu", devices=2)  # same strategy, built without GPUs
-    t = L.Trainer(**trainer, logger=False)
-    assert isinstance(t.strategy, DDPStrategy)
-    assert t.strategy._ddp_kwargs.get("find_unused_parameters") is True
-    if option == "ddp_cpu":
-        assert t.num_devices == 2 and t.strategy.root_device.type == "cpu"
-        assert t.strategy._get_process_group_backend() == "gloo"
-
-
-def test_ddp_option_takes_every_gpu_and_scales_to_nodes():
+def test_ddp_options_find_unused_parameters_and_ddp_takes_every_gpu_and_scales_to_nodes():
+    on_cpu = {} if GPU else {"accelerator": "cpu", "devices": 2}  # the same strategy, built without GPUs
+    for option in ("ddp", "ddp_cpu"):  # the critic step leaves the generator without gradients: plain DDP fails
+        t = L.Trainer(**{**compose_train([f"trainer={option}"]).trainer, **on_cpu})
+        assert isinstance(t.strategy, DDPStrategy) and t.strategy._ddp_kwargs.get("find_unused_parameters") is True
+    assert (t.num_devices, t.strategy.root_device.type, t.strategy._get_process_group_backend()) == (2, "cpu", "gloo")
     t = compose_train(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]).trainer
-    assert (t.accelerator, t.devices, t.num_nodes) == ("gpu", 4, 2)
-    assert compose_train(["trainer=ddp"]).trainer.devices == -1
+    assert (compose_train(["trainer=ddp"]).trainer.devices, t.accelerator, t.devices, t.num_nodes) == (-1, "gpu", 4, 2)
 
 
-@needs_gpu
-@pytest.mark.parametrize("overrides", [["trainer=gpu", "trainer.precision=bf16-mixed"], ["trainer=ddp"]])
-def test_gpu_options_build_a_trainer_on_gpus(overrides):
-    t = L.Trainer(**validate(compose_train(overrides)).trainer, logger=False)
-    assert t.strategy.root_device.type == "cuda"
-
-
-def test_slurm_launcher_option_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="optional extra: pip install -e .[slurm]")
-    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.nodes=2",
-                         "hydra.launcher.tasks_per_node=4"], hydra=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 1)
-    assert cfg.trainer.num_nodes == 2
-
-
-def test_sweep_and_run_dirs_carry_microseconds_so_sweeps_started_in_one_second_differ():
-    first, second = (compose_train([], hydra=True).hydra for _ in range(2))
+def test_run_dirs_carry_microseconds_the_15min_preset_is_bounded_by_time_and_slurm_composes():
+    first, second = (compose_train([], hydra=True).hydra for _ in range(2))  # two sweeps started in one second
     assert first.sweep.dir != second.sweep.dir and first.run.dir != second.run.dir
     assert first.sweep.dir.rsplit("/", 1)[0] == second.sweep.dir.rsplit("/", 1)[0]  # same date folder
     assert OmegaConf.to_container(first.sweep)["subdir"] == "${hydra.job.num}"  # one subdirectory per job
-
-
-def test_cpu_15min_preset_is_bounded_by_time_alone():
-    from lightning.pytorch.callbacks import Timer
-
     cfg = validate(compose_train(["experiment=fashion_cpu_15min"]))
     assert cfg.trainer["max_time"] == "00:00:15:00" and cfg.trainer["max_epochs"] == -1 and cfg.max_gen_steps == -1
     trainer = L.Trainer(**{**cfg.trainer, "accelerator": "cpu"}, logger=False, enable_checkpointing=False)
-    (timer,) = [c for c in trainer.callbacks if isinstance(c, Timer)]
-    assert timer._duration == 15 * 60
+    assert [c._duration for c in trainer.callbacks if isinstance(c, Timer)] == [15 * 60]
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="optional extra: pip install -e .[slurm]")
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.nodes=2",
+                         "hydra.launcher.tasks_per_node=4"], hydra=True)
+    assert (launcher := cfg.hydra.launcher)._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, cfg.trainer.num_nodes) == (2, 4, 1, 2)
 
 
-# ---- through the command line --------------------------------------------------------------------------
+def config(*dotlist: str):  # the schema with dotlist merged in, without Hydra's config loader: fast
+    OmegaConf.set_struct((schema := OmegaConf.structured(TrainConfig)).trainer, False)
+    return OmegaConf.merge(schema, OmegaConf.from_dotlist(list(dotlist)))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args,expected", [
-    (["model.n_critic=abc"], "Error: model.n_critic=abc: Value 'abc' of type 'str' could not be converted to Integer"),
-    (["model.n_critic=0"], "Error: model.n_critic=0: expected an integer >= 1"),
-    (["model.clip_value=-1"], "Error: model.clip_value=-1.0: expected a number >= 0"),
-    (["data=nope"], "Could not find 'data/nope' (available: celeba, fashion_mnist, folder)"),
-    # a sweep job's values are checked as it starts (tests/test_cli.py); a job that cannot be composed, up front
-    (["-m", "model.n_critic=2,abc"], "Error: in sweep job model.n_critic=abc: model.n_critic=abc: Value 'abc'"),
-    (["trainer.limit_trian_batches=2"], "Error: trainer.limit_trian_batches: not an argument of lightning.Trainer"),
-    (["trainer.precision=foo"], "Error: trainer.precision='foo': lightning.Trainer refused it"),
-    (["trainer=gpu"] if not torch.cuda.is_available() else ["trainer.max_time=soon"], "Error: trainer."),
-])
-def test_command_line_rejects_bad_input_in_one_line_before_writing_anything(tmp_path, args, expected):
-    proc = run_cli(["-m", "wgan_lit.train", *args], cwd=tmp_path, check=False, timeout=120)
-    assert proc.returncode == 2
-    assert expected in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr
-    assert list(tmp_path.iterdir()) == [], "nothing may be written for a rejected command line"
+def leaf_keys(node, prefix: str = "") -> list[str]:  # trainer: open, checked against lightning.Trainer (CASES)
+    return [k for key, value in node.items() if key != "trainer"
+            for k in (leaf_keys(value, f"{prefix}{key}.") if hasattr(value, "items") else [f"{prefix}{key}"])]
 
 
-# ---- every key: a wrong type and, where values are ruled, a wrong value, each one line naming the key --------
+PROBE, GP = "fast_path.probe=true", "model.gp_weight=10 model.clip_value=0 model.critic_batchnorm=false"
+CASES = [  # "key=wrong value: the start of what its one line says is expected | the other overrides it needs"
+    "model.n_critic=0: an integer >= 1", "model.lr_g=0: a number > 0", "model.lr_d=-1: a number > 0",
+    "model.clip_value=0: > 0, or model.gp_weight > 0: the Wasserstein critic needs a Lipschitz constraint",
+    "model.latent_dim=0: an integer >= 1", "model.g_features=0: an int", "model.d_features=0: an integer >= 1",
+    "model.n_fixed_samples=0: an int", "model.optimizer=sgd: one of rmsprop, adam", "model.gp_weight=-1: a number",
+    "model.loss=hinge: one of wasserstein, gan", "model.generator=resnet: one of dcgan, mlp",
+    f"model.critic_batchnorm=true: false with model.gp_weight > 0: the penalty is per image | {GP}",
+    "model.critic=resnet: one of dcgan", "model.n_extra_layers=-1: an integer >= 0", "model.ema_decay=1: a number >=",
+    "model.mlp_layers=0: an integer >= 1 | model.generator=mlp", "model.adam_beta2=0.5: its default (0.999)",
+    "model.adam_beta1=0.9: its default (0.5): it is read only with model.optimizer=adam",
+    "model.mlp_layers=2: its default (4): it is read only with model.generator=mlp or model.critic=mlp",
+    "model.n_extra_layers=1: its default (0): it is read only with a DCGAN | model.generator=mlp model.critic=mlp",
+    "data.name=mnist: one of fashion_mnist, celeba, folder", "data.batch_size=0: an int", "data.center_crop=-1: an i",
+    "data.image_size=30: one of 16, 28, 32,", "data.num_workers=-1: an integer >= 0", "cpu_threads=-1: an integer >=",
+    "data.split=valid: one of train, test for data.name=fashion_mnist", "ckpt_path=/no.ckpt: an existing checkpoint",
+    "data.download=true: false: data.name=celeba has no download | data.name=celeba",
+    "data.num_workers=2: 0 with data.device_resident=true | data.device_resident=true",
+    "logger.name=wandb: one of tensorboard, csv", "logger.log_every_n_gen_steps=0: an integer >= 1",
+    "logger.sample_every_n_gen_steps=-1: an int", "max_gen_steps=0: -1 (no limit) or an integer >= 1",
+    "checkpoint_every_n_epochs=0: an integer >= 1", "checkpoint_every_n_gen_steps=-1: an integer >= 0",
+    "metrics.every_n_gen_steps=-1: an integer >= 0", "metrics.every_n_seconds=-1: a number >= 0",
+    "metrics.n_samples=1: an integer >= 2", "metrics.kid_subsets=0: an int", "metrics.kid_subset_size=1: an int",
+    "metrics.checkpoint_monitor=fid: one of '', fd_classifier", "fast_path.iters=1: an integer >= 2",
+    "fast_path.rounds=0: an integer >= 1", "fast_path.probe=true: false with more than one device | trainer.devices=2",
+    f"trainer.precision=32-true: unset with fast_path.probe=true, which chooses it | {PROBE}",
+    f"runtime.channels_last=false: unset with fast_path.probe=true | {PROBE}", f"runtime.compile=true: unset | {PROBE}",
+    # no Trainer is built to check these
+    "trainer.limit_trian_batches=2: an argument of lightning.Trainer; did you mean trainer.limit_train_batches?",
+    "trainer.callbacks=[]: unset: wgan_lit sets it; use the run's own callbacks",
+    "trainer.logger=false: unset: wgan_lit sets it; use the logger group (logger=tensorboard or logger=csv)",
+    "trainer.precision=foo: 64, 32, 16 or 'transformer-engine'", "trainer.max_time=soon: DD:HH:MM:SS",
+    "trainer.limit_train_batches=abc: int or float or NoneType (lightning.Trainer's limit_train_batches)",
+    "trainer.max_epochs=0: -1 (no limit) or an integer >= 1", "trainer.strategy=dpp: one of auto, ddp,",
+    "trainer.accelerator=gpus: one of auto, gpu, cpu, cuda",
+]
 
 
-def leaf_keys(node, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in node.items():
-        if key == "trainer":
-            continue  # open: checked by Lightning (test_a_bad_trainer_argument_is_one_line_naming_it)
-        if hasattr(value, "items"):
-            out.update(leaf_keys(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def test_every_key_is_typed_so_hydra_refuses_a_wrong_type_and_every_ruled_key_has_a_case():
+    for key in leaf_keys(cfg := config()):
+        with pytest.raises(ValidationError):  # its type is in the schema: Hydra refuses the value as it composes
+            OmegaConf.update(cfg, key, [1, 2] if isinstance(OmegaConf.select(cfg, key), str) else "maybe")
+    assert {key for key, *_ in _rules(TrainConfig())} <= {case.split("=")[0] for case in CASES}
 
 
-KEYS = leaf_keys(OmegaConf.structured(TrainConfig))
-
-
-@pytest.mark.parametrize("key", sorted(KEYS))
-def test_every_key_with_a_wrong_type_is_one_line_naming_it(key):
-    from wgan_lit.cli import describe
-
-    default = KEYS[key]
-    wrong = "[1,2]" if isinstance(default, str) else "maybe" if isinstance(default, bool) else "abc"
-    with pytest.raises(ConfigCompositionException) as err:
-        compose_train([f"{key}={wrong}"])
-    message = describe(err.value)
-    assert message.startswith(f"{key}={wrong}: ") and "\n" not in message, message
-
-
-WRONG_VALUES = {
-    "model.n_critic": "0", "model.clip_value": "0", "model.lr_g": "0", "model.lr_d": "-1", "model.latent_dim": "0",
-    "model.g_features": "0", "model.d_features": "0", "model.optimizer": "sgd", "model.n_fixed_samples": "0",
-    "data.name": "mnist", "data.batch_size": "0", "data.image_size": "30", "data.num_workers": "-1",
-    "data.split": "valid", "data.center_crop": "-1", "data.download": "true",
-    "logger.name": "wandb", "logger.log_every_n_gen_steps": "0", "logger.sample_every_n_gen_steps": "-1",
-    "max_gen_steps": "0", "checkpoint_every_n_epochs": "0", "checkpoint_every_n_gen_steps": "-1",
-    "ckpt_path": "/no/such.ckpt", "cpu_threads": "-1", "metrics.every_n_gen_steps": "-1",
-    "metrics.n_samples": "1", "metrics.kid_subsets": "0", "metrics.kid_subset_size": "1",
-    "metrics.checkpoint_monitor": "fid", "metrics.every_n_seconds": "-1",
-    "model.gp_weight": "-1", "model.critic_batchnorm": "true", "model.loss": "hinge", "model.generator": "resnet",
-    "model.critic": "resnet", "model.n_extra_layers": "-1", "model.mlp_layers": "0", "model.ema_decay": "1",
-    "model.adam_beta1": "0.9", "model.adam_beta2": "0.5",
-    "fast_path.iters": "1", "fast_path.rounds": "0", "fast_path.probe": "true", "trainer.precision": "32-true",
-    "runtime.channels_last": "false", "runtime.compile": "true",
-}
-CONTEXT = {"data.download": ["data=celeba"],  # only fashion_mnist downloads
-           "model.critic_batchnorm": ["model=wgan_gp"], "model.mlp_layers": ["model.generator=mlp"],
-           "fast_path.probe": ["trainer=ddp_cpu"],
-           **{k: ["fast_path.probe=true"] for k in ("trainer.precision", "runtime.channels_last", "runtime.compile")}}
-
-
-def test_the_wrong_value_table_covers_every_ruled_key():
-    from wgan_lit.config import _rules
-
-    assert {key for key, *_ in _rules(TrainConfig())} == set(WRONG_VALUES)
-
-
-@pytest.mark.parametrize("key", sorted(WRONG_VALUES))
-def test_every_key_with_a_wrong_value_is_one_line_naming_it_and_its_default_passes(key):
+@pytest.mark.parametrize("case", CASES)
+def test_every_key_with_a_wrong_value_is_one_line_naming_it_and_what_is_expected(monkeypatch, case):
+    monkeypatch.setattr(L.Trainer, "__new__", lambda *_, **__: pytest.fail("a Trainer was built to check"))
+    head, _, context = case.partition(" | ")
+    (override, expected), key = head.split(": ", 1), head.split("=")[0]
     with pytest.raises(ConfigError) as err:
-        validate(compose_train([*CONTEXT.get(key, []), f"{key}={WRONG_VALUES[key]}"]))
-    assert str(err.value).startswith(f"{key}=") and "expected" in str(err.value) and "\n" not in str(err.value)
-    validate(compose_train(CONTEXT.get(key, [])))  # control: the same without the wrong value is fine
+        validate(cfg := config(*context.split(), override))
+    assert str(err.value).startswith(f"{key}={OmegaConf.select(cfg, key)!r}: expected {expected}"), str(err.value)
+    assert "\n" not in str(err.value)
+    validate(config(*context.split()))  # control: the same without the wrong value is fine
