@@ -23,7 +23,6 @@ TAG, RAW = "metrics/fd_classifier", "metrics_raw/fd_classifier"
 AT_MINUTES = (1, 2, 5, 10, 15)
 
 
-
 def over_time(curves: dict[str, list[tuple[float, int, float]]], tag: str) -> tuple[list[float], list[float]]:
     """(minutes since the first score, value) of a scored metric."""
     points = curves.get(tag, [])
@@ -31,6 +30,7 @@ def over_time(curves: dict[str, list[tuple[float, int, float]]], tag: str) -> tu
         return [], []
     start = points[0][0]
     return [(t - start) / 60 for t, _, _ in points], [v for _, _, v in points]
+
 
 def at(minutes: list[float], values: list[float], t: float) -> float | None:
     """The score nearest to ``t`` minutes (scores come about once a minute); None after the run ended."""
