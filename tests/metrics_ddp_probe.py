@@ -1,10 +1,6 @@
-"""Run by tests/test_metrics.py: the sample-quality callback under DDP on two CPU processes.
-
-Lightning's DDP launcher starts rank 1 by re-running this script; each rank prints one JSON line.
-Usage: python tests/metrics_ddp_probe.py OUT_DIR
+"""Run by tests/test_metrics.py: the sample-quality callback under DDP on two CPU processes, each printing one JSON
+line (Lightning's launcher starts rank 1 by re-running this script). Usage: python tests/metrics_ddp_probe.py OUT_DIR
 """
-
-from __future__ import annotations
 
 import json
 import sys
@@ -12,42 +8,27 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import TINY, RandomImages  # noqa: E402
-from wgan_lit.callbacks import GeneratorStepLimit  # noqa: E402
 from wgan_lit.classifier import FashionClassifier  # noqa: E402
 from wgan_lit.metrics import SampleQuality, SampleQualityCallback, best_checkpoint  # noqa: E402
 from wgan_lit.module import WGAN  # noqa: E402
 
 
 def make_scorer(device: torch.device) -> SampleQuality:
-    real = torch.randint(
-        0, 256, (100, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-    )
-    torch.manual_seed(0)
+    real = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return SampleQuality(real, FashionClassifier(4, 8), kid_subsets=3, kid_subset_size=20, device=device)
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    quality = SampleQualityCallback(make_scorer, every_n_gen_steps=2, n_samples=30)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_find_unused_parameters_true",
-        max_epochs=1,
-        limit_train_batches=12,
-        logger=CSVLogger(out, name="csv", version=""),
-        callbacks=[GeneratorStepLimit(5), quality, best_checkpoint(out / "ckpt", "fd_classifier")],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(
-        WGAN(n_critic=2, log_every_n_gen_steps=100, **TINY), datamodule=RandomImages(n=400, batch_size=8)
-    )
+    out, quality = Path(sys.argv[1]), SampleQualityCallback(make_scorer, every_n_gen_steps=2, n_samples=30)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=1,
+                        logger=False, callbacks=[quality, best_checkpoint(out / "ckpt", "fd_classifier")],
+                        enable_progress_bar=False, enable_model_summary=False)
+    images = torch.rand(64, 1, 28, 28) * 2 - 1  # 64 / 2 ranks / batch 8 = 4 critic steps, 2 generator steps each
+    trainer.fit(WGAN(n_critic=2, g_features=8, d_features=8, latent_dim=16), DataLoader(images, batch_size=8))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("metrics/")}
     # one write with its newline: print() may write the line and "\n" apart, and the two ranks share stdout
     sys.stdout.write("RESULT " + json.dumps(
