@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 
 import pytest
@@ -24,12 +25,14 @@ RATE = re.compile(r"^rate\[(?P<name>[^\]]+)\]: (?P<rate>[\d.]+) gen_iter/s  rati
 def test_quick_throughput_prints_the_probes_choice_rates_ratios_and_flop_efficiency(tmp_path, monkeypatch, capsys):
     write_fake_fashion_mnist(tmp_path / "data")  # both sides read ./data: the plain loop and the data module
     monkeypatch.chdir(tmp_path)
-    threads, variants = torch.get_num_threads(), ["lightning", "lightning per-item loader"]
+    variants, quiet = ["lightning", "lightning per-item loader"], logging.getLogger("lightning.pytorch")
+    threads, level = torch.get_num_threads(), quiet.level  # the script sets both for its process: restored
     try:
         script("throughput").main(["--quick", "--threads", "1", "--features", "8", "--latent-dim", "16",
                                    "--batch-size", "16", "--n-critic", "1", "--probe", "--variants", *variants])
     finally:
         torch.set_num_threads(threads)
+        quiet.setLevel(level)
     out = capsys.readouterr().out
     assert re.search(r"^device: cpu  torch \S+  lightning \S+  threads 1$", out, re.M), out
     assert re.search(r"^flops_per_gen_iter: [\d.]+ GFLOP  matmul_peak: [\d.]+ GFLOP/s$", out, re.M), out
@@ -42,8 +45,7 @@ def test_quick_throughput_prints_the_probes_choice_rates_ratios_and_flop_efficie
     assert [p.name for p in tmp_path.iterdir()] == ["data"], "the benchmark must clean up after itself"
 
 def scored_run(folder, scores: list[float], every_s: float, raw: bool):
-    """A run's TensorBoard scalars as metrics.every_n_seconds writes them: a score every ``every_s`` seconds and
-    every 2 generator steps from step 0, the raw generator's beside them with model.ema_decay."""
+    """TensorBoard scores as metrics.every_n_seconds writes them (from step 0, every 2 steps; ``raw``: with EMA)."""
     with SummaryWriter(str(folder / "tensorboard")) as writer:
         for i, score in enumerate(scores):
             writer.add_scalar("metrics/fd_classifier", score, 2 * i, walltime=1000 + every_s * i)

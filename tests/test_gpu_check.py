@@ -27,11 +27,10 @@ def run_script(args: list[str], cwd, python: str = sys.executable, **env: str) -
 @pytest.mark.parametrize("where", ["argument", "OUT", "default"])
 def test_without_cuda_it_says_so_writes_only_the_summary_and_exits_0_at_once(tmp_path, where):
     """This interpreter's torch answers once; where only the output folder differs, a stand-in for it (fast)."""
-    python, version = sys.executable, torch.__version__
+    python, version = (sys.executable, torch.__version__) if where == "argument" else (tmp_path / "python", "9.9")
     if where != "argument":
-        (python := tmp_path / "python").write_text("#!/bin/sh\necho False 9.9\n")
+        python.write_text("#!/bin/sh\necho False 9.9\n")
         python.chmod(0o755)
-        version = "9.9"
     (cwd := tmp_path / "cwd").mkdir()
     out = {"argument": cwd / "given", "OUT": cwd / "from_env", "default": cwd / "gpu_check_out"}[where]
     start = time.monotonic()
