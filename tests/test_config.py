@@ -116,6 +116,7 @@ def leaf_keys(node, prefix: str = "") -> list[str]:  # trainer: open, checked ag
 
 
 PROBE, GP = "fast_path.probe=true", "model.gp_weight=10 model.clip_value=0 model.critic_batchnorm=false"
+MLPS = "model.generator=mlp model.critic=mlp"
 CASES = [  # "key=wrong value: the start of what its one line says is expected | the other overrides it needs"
     "model.n_critic=0: an integer >= 1", "model.lr_g=0: a number > 0", "model.lr_d=-1: a number > 0",
     "model.clip_value=0: > 0, or model.gp_weight > 0: the Wasserstein critic needs a Lipschitz constraint",
@@ -127,7 +128,7 @@ CASES = [  # "key=wrong value: the start of what its one line says is expected |
     "model.mlp_layers=0: an integer >= 1 | model.generator=mlp", "model.adam_beta2=0.5: its default (0.999)",
     "model.adam_beta1=0.9: its default (0.5): it is read only with model.optimizer=adam",
     "model.mlp_layers=2: its default (4): it is read only with model.generator=mlp or model.critic=mlp",
-    "model.n_extra_layers=1: its default (0): it is read only with a DCGAN | model.generator=mlp model.critic=mlp",
+    f"model.n_extra_layers=1: its default (0): it is read only with model.generator=dcgan or model.c | {MLPS}",
     "data.name=mnist: one of fashion_mnist, celeba, folder", "data.batch_size=0: an int", "data.center_crop=-1: an i",
     "data.image_size=30: one of 16, 28, 32,", "data.num_workers=-1: an integer >= 0", "cpu_threads=-1: an integer >=",
     "data.split=valid: one of train, test for data.name=fashion_mnist", "ckpt_path=/no.ckpt: an existing checkpoint",
@@ -142,9 +143,8 @@ CASES = [  # "key=wrong value: the start of what its one line says is expected |
     "fast_path.rounds=0: an integer >= 1", "fast_path.probe=true: false with more than one device | trainer.devices=2",
     f"trainer.precision=32-true: unset with fast_path.probe=true, which chooses it | {PROBE}",
     f"runtime.channels_last=false: unset with fast_path.probe=true | {PROBE}", f"runtime.compile=true: unset | {PROBE}",
-    # no Trainer is built to check these
     "trainer.limit_trian_batches=2: an argument of lightning.Trainer; did you mean trainer.limit_train_batches?",
-    "trainer.callbacks=[]: unset: wgan_lit sets it; use the run's own callbacks",
+    "trainer.callbacks=[]: unset: wgan_lit sets it; use the run's own callbacks",  # no Trainer is built to check
     "trainer.logger=false: unset: wgan_lit sets it; use the logger group (logger=tensorboard or logger=csv)",
     "trainer.precision=foo: 64, 32, 16 or 'transformer-engine'", "trainer.max_time=soon: DD:HH:MM:SS",
     "trainer.limit_train_batches=abc: int or float or NoneType (lightning.Trainer's limit_train_batches)",

@@ -37,9 +37,14 @@ def registry(module: str, name: str) -> Any:
 
 
 def rule(default: Any, *, ge: float | None = None, gt: float | None = None, lt: float | None = None,
-         one_of: Any = None, note: str = "") -> Any:
-    """A field with its rule: bounds, or ``one_of`` a collection (or a function returning one, such as a registry)."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "lt": lt, "one_of": one_of, "note": note})
+         one_of: Any = None, read_with: dict[str, str] | None = None, note: str = "") -> Any:
+    """A field with its rules: bounds; or ``one_of`` a collection (or a function returning one, a registry); and
+    ``read_with``, {sibling: value} one of which must hold for the field to be read, else it must keep its default."""
+    return field(default=default, metadata=dict(ge=ge, gt=gt, lt=lt, one_of=one_of, read_with=read_with, note=note))
+
+
+# Where a model key is read: set away from its default elsewhere, it would be accepted and ignored.
+ADAM, MLP, DCGAN = {"optimizer": "adam"}, {"generator": "mlp", "critic": "mlp"}, dict(generator="dcgan", critic="dcgan")
 
 
 def _monitors() -> tuple[str, ...]:
@@ -55,12 +60,12 @@ class ModelConfig:
     generator: str = rule("dcgan", one_of=NETWORKS)  # or "mlp" (the paper's --mlp_G)
     critic: str = rule("dcgan", one_of=NETWORKS)  # or "mlp" (--mlp_D)
     g_batchnorm: bool = True  # false: the paper's --noBN generator
-    n_extra_layers: int = rule(0, ge=0)  # 3x3 conv layers added to both DCGAN networks (--n_extra_layers)
-    mlp_layers: int = rule(4, ge=1)  # hidden ReLU layers of an MLP network (the paper's text: 4)
+    n_extra_layers: int = rule(0, ge=0, read_with=DCGAN)  # 3x3 conv layers added to both DCGAN networks
+    mlp_layers: int = rule(4, ge=1, read_with=MLP)  # hidden ReLU layers of an MLP network (the paper's text: 4)
     loss: str = rule("wasserstein", one_of=lambda: registry("losses", "LOSSES"))  # the objective (losses.py)
     optimizer: str = rule("rmsprop", one_of=("rmsprop", "adam"))  # paper: RMSprop, Adam was unstable with clipping
-    adam_beta1: float = 0.5  # DCGAN's Adam betas; WGAN-GP uses (0, 0.9) (conf/model/wgan_gp.yaml)
-    adam_beta2: float = 0.999
+    adam_beta1: float = rule(0.5, read_with=ADAM)  # DCGAN's Adam betas; WGAN-GP uses (0, 0.9) (model=wgan_gp)
+    adam_beta2: float = rule(0.999, read_with=ADAM)
     lr_g: float = rule(5e-5, gt=0)  # paper: alpha = 5e-5 for both networks
     lr_d: float = rule(5e-5, gt=0)
     clip_value: float = rule(0.01, ge=0, note=" (0 = no clipping)")  # paper: c = 0.01
@@ -170,6 +175,10 @@ def declared_rules(obj: Any, prefix: str = "") -> list[Rule]:
             kind = "an integer" if isinstance(value, int) else "a number"
             out.append((key, value, all(op(value, bound) for _, bound, op in bounds),
                         f"{kind} {' and '.join(f'{sign} {bound}' for sign, bound, _ in bounds)}{meta['note']}"))
+        if read := meta.get("read_with"):
+            out.append((key, value, value == f.default or any(getattr(obj, k) == v for k, v in read.items()),
+                        f"its default ({f.default!r}): it is read only with "
+                        + " or ".join(f"{prefix}{k}={v}" for k, v in read.items())))
     return out
 
 
@@ -187,7 +196,6 @@ def _rules(c: TrainConfig) -> list[Rule]:
          "> 0, or model.gp_weight > 0: the Wasserstein critic needs a Lipschitz constraint (model=wgan_gp)"),
         ("model.critic_batchnorm", m.critic_batchnorm, not (penalty and m.critic_batchnorm and m.critic == "dcgan"),
          "false with model.gp_weight > 0: the penalty is per image, BatchNorm mixes the images of a batch"),
-        *_unused_rules(m),
         ("data.split", d.split, dm is None or d.split in dm.splits,
          f"one of {', '.join(dm.splits if dm else ())} for data.name={d.name}"),
         ("data.download", d.download, not d.download or dm is None or dm.can_download,
@@ -205,17 +213,6 @@ def _rules(c: TrainConfig) -> list[Rule]:
            "unset with fast_path.probe=true, which chooses it (fast_path.probe=false to set it yourself)")
           for key, value, default in probe_sets],
     ]
-
-
-def _unused_rules(m: ModelConfig) -> list[Rule]:
-    """A key set away from its default where nothing reads it would be accepted and ignored: refuse it."""
-    adam, mlp = (m.optimizer == "adam", "model.optimizer=adam"), ("mlp" in (m.generator, m.critic),
-                                                                   "model.generator=mlp or model.critic=mlp")
-    dcgan = ("dcgan" in (m.generator, m.critic), "a DCGAN network (model.generator or model.critic = dcgan)")
-    unused = {"adam_beta1": adam, "adam_beta2": adam, "mlp_layers": mlp, "n_extra_layers": dcgan}
-    return [(f"model.{key}", getattr(m, key), used or getattr(m, key) == getattr(ModelConfig, key),
-             f"its default ({getattr(ModelConfig, key)!r}): it is read only with {where}")
-            for key, (used, where) in unused.items()]
 
 
 # Trainer arguments wgan_lit sets itself, and where a user changes what they control.
