@@ -74,9 +74,7 @@ _SWITCHES = {"--multirun", "-m", "--run", "-r", "--resolve"}
 
 
 @dataclasses.dataclass
-class HydraCommandLine:
-    """A Hydra app's command line, split: its overrides, and the options of Hydra that the checks need."""
-
+class HydraCommandLine:  # a Hydra app's command line: its overrides, and the options of Hydra the checks need
     overrides: list[str]
     multirun: bool = False
     config_name: str = "train"
@@ -129,9 +127,8 @@ def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
 def check_train_command_line(argv: Sequence[str], check: Callable[[DictConfig], Any],
                              errors: tuple[type[Exception], ...] = (ValueError,)) -> None:
     """Check the training command line before Hydra runs, so that one that cannot train writes nothing: a single run
-    is composed and ``check``ed (``errors`` are its one line). A ``-m`` sweep is only composed, under the basic
-    sweeper job by job; each job checks its values as it starts (train.py), so a bad one fails alone. Another sweeper
-    (Optuna's ``interval(...)``) chooses its jobs as it goes: then only the fixed overrides are composed here."""
+    is composed and ``check``ed (``errors`` are its one line). A ``-m`` sweep is only composed, job by job under the
+    basic sweeper (others, such as Optuna's, choose jobs as they go): each job checks its values as it starts."""
     line = split_hydra_command_line(argv)
     if line.prints_only or line.other_config_dir:
         return  # Hydra prints, or composes another conf/: each job checks its values as it starts
