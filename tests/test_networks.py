@@ -8,22 +8,6 @@ import torch
 from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator, pyramid
 
 
-@pytest.mark.parametrize("size,channels", [(28, 1), (32, 1), (64, 3), (56, 3)])
-def test_generator_and_critic_shapes_follow_the_image_size(size, channels):
-    g, d = Generator(16, channels, size, 8), Critic(channels, size, 8, True)
-    images = g(torch.randn(3, 16))
-    assert images.shape == (3, channels, size, size)
-    assert images.min() >= -1 and images.max() <= 1  # tanh out
-    assert d(images).shape == (3,)
-
-
-def test_depth_grows_with_image_size():
-    assert n_convs(Critic(3, 64, 8, True)) == 5 and n_convs(Critic(1, 32, 8, True)) == 4
-    assert n_convs(Critic(1, 28, 8, True)) == 3
-    assert n_convs(Generator(100, 3, 64, 8)) == 5 and n_convs(Generator(100, 1, 28, 8)) == 3
-    assert pyramid(28) == (7, 2) and pyramid(64) == (4, 4)
-
-
 def has_bn(net: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
 
@@ -32,15 +16,27 @@ def n_convs(net: torch.nn.Module) -> int:
     return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in net.modules())
 
 
-def test_batchnorm_is_a_switch_in_both_networks():
+@pytest.mark.parametrize("size,channels,base,steps", [(28, 1, 7, 2), (32, 1, 4, 3), (64, 3, 4, 4), (56, 3, 7, 3)])
+def test_shapes_and_depth_follow_the_image_size(size, channels, base, steps):
+    g, d = Generator(16, channels, size, 8), Critic(channels, size, 8, True)
+    images = g(torch.randn(3, 16))
+    assert images.shape == (3, channels, size, size) and images.min() >= -1 and images.max() <= 1  # tanh out
+    assert d(images).shape == (3,) and n_convs(g) == n_convs(d) == steps + 1 and pyramid(size) == (base, steps)
+
+
+def test_batchnorm_is_a_switch_and_extra_layers_add_size_keeping_convolutions_to_both_networks():
     assert has_bn(Critic(1, 28, 8, batchnorm=True)) and not has_bn(Critic(1, 28, 8, batchnorm=False))
     assert has_bn(Generator(16, 1, 28, 8)) and not has_bn(Generator(16, 1, 28, 8, batchnorm=False))
-
-
-def test_extra_layers_add_size_keeping_convolutions_to_both_networks():
     g, d = Generator(16, 1, 28, 8, extra_layers=2), Critic(1, 28, 8, True, extra_layers=2)
     assert n_convs(g) == n_convs(Generator(16, 1, 28, 8)) + 2 and n_convs(d) == n_convs(Critic(1, 28, 8, True)) + 2
     assert d(g(torch.randn(3, 16))).shape == (3,)
+
+
+def test_the_critic_has_no_sigmoid_and_its_scores_are_unbounded():
+    critic = Critic(1, 28, 8, False)
+    torch.nn.utils.vector_to_parameters(torch.full((sum(p.numel() for p in critic.parameters()),), 0.5),
+                                        critic.parameters())
+    assert critic(torch.ones(2, 1, 28, 28)).abs().max() > 1.0
 
 
 def test_the_mlp_networks_have_the_papers_shape():

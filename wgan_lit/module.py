@@ -1,11 +1,8 @@
 """The WGAN LightningModule: Algorithm 1 of Arjovsky, Chintala & Bottou (2017), arXiv:1701.07875.
 
-Every training batch is one critic update on fresh real images and fresh noise, followed by clamping all
-critic parameters to [-c, c]. After ``n_critic`` such updates comes one generator update on fresh noise.
-The paper's comparisons are options of the same loop: the gradient penalty of Gulrajani et al. (2017) in
-place of clipping (``gp_weight``), and the standard GAN (``loss="gan"``) as the baseline.
-Lightning's ``global_step`` counts both kinds of optimizer step, so the module keeps its own
-``gen_step`` counter: it is the x axis of the logged curves and the unit of ``max_gen_steps``.
+Each batch is one critic update, after which every critic weight is clamped to [-c, c]; each ``n_critic``-th is
+followed by one generator update. The objective is ``losses.LOSSES[model.loss]``, plus the gradient penalty when
+``gp_weight`` > 0. ``gen_step`` counts generator updates (Lightning's ``global_step`` counts both kinds).
 """
 
 from __future__ import annotations
@@ -26,10 +23,13 @@ from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator
 
 
 class DivergenceError(RuntimeError):
-    """A loss or a weight became NaN or inf; the message names the generator step."""
+    """A loss or a weight became NaN or inf at generator step ``gen_step``."""
 
-    def __init__(self, message: str, gen_step: int) -> None:
-        super().__init__(message)
+    def __init__(self, gen_step: int, what: str = "a critic or generator loss") -> None:
+        super().__init__(
+            f"Training diverged: {what} became NaN or inf at generator step {gen_step}. The run was stopped; "
+            "checkpoints written before that step are kept and were not overwritten. Resume from the last "
+            "good one with lower learning rates (model.lr_d, model.lr_g) or a smaller model.clip_value.")
         self.gen_step = gen_step
 
 
@@ -41,89 +41,65 @@ def clamp_(params: list[torch.Tensor], clip_value: float) -> None:
 
 
 def model_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's ``hyper_parameters`` without the runtime switches that checkpoints written before
-    RuntimeConfig kept there: what ``WGAN(**...)`` takes to rebuild the model, with this machine's defaults."""
+    """A checkpoint's ``hyper_parameters`` less the runtime keys old checkpoints held there: WGAN's arguments."""
     return {k: v for k, v in hparams.items() if k not in RUNTIME_KEYS}
 
 
 class WGAN(L.LightningModule):
+    EMA_BN_BATCHES, EMA_BN_BATCH = 8, 64  # noise images whose statistics the averaged generator's BatchNorm gets
+
     def __init__(self, image_size: int = DataConfig.image_size, channels: int = 1,
                  log_every_n_gen_steps: int = LoggerConfig.log_every_n_gen_steps,
                  channels_last: bool = RuntimeConfig.channels_last, compile: bool = RuntimeConfig.compile,
                  fused_clamp: bool = RuntimeConfig.fused_clamp, cpu_threads: int = 0, **model: Any) -> None:
-        """``model``: the fields of :class:`~wgan_lit.config.ModelConfig`, the one home of their defaults.
-
-        ``channels_last``, ``compile``, ``fused_clamp`` (:class:`~wgan_lit.config.RuntimeConfig`) and
-        ``cpu_threads`` (set by train.py; only recorded here) say how this run computes: not hyperparameters,
-        so a checkpoint loads anywhere with the defaults; they go into its ``wgan_runtime`` entry instead."""
+        """``model``: ModelConfig's fields. The runtime switches and cpu_threads go to ``wgan_runtime``, not hparams."""
         super().__init__()
         hp = ModelConfig(**model)  # an unknown key fails here, naming it
-        # An explicit dict, so the runtime arguments are not among the saved hyperparameters.
         self.save_hyperparameters({"image_size": image_size, "channels": channels,
                                    "log_every_n_gen_steps": log_every_n_gen_steps, **dataclasses.asdict(hp)})
         self.runtime = RuntimeConfig(channels_last=channels_last, compile=compile, fused_clamp=fused_clamp)
-        self.cpu_threads = cpu_threads
-        self.automatic_optimization = False
-        if hp.generator == "mlp":
-            self.generator: torch.nn.Module = MLPGenerator(hp.latent_dim, channels, image_size, hp.g_features,
-                                                           hp.mlp_layers)
-        else:
-            self.generator = Generator(hp.latent_dim, channels, image_size, hp.g_features, hp.g_batchnorm,
-                                       hp.n_extra_layers)
-        if hp.critic == "mlp":
-            self.critic: torch.nn.Module = MLPCritic(channels, image_size, hp.d_features, hp.mlp_layers)
-        else:
-            self.critic = Critic(channels, image_size, hp.d_features, hp.critic_batchnorm, hp.n_extra_layers)
+        self.cpu_threads, self.automatic_optimization = cpu_threads, False
+        self.generator: torch.nn.Module = (
+            MLPGenerator(hp.latent_dim, channels, image_size, hp.g_features, hp.mlp_layers) if hp.generator == "mlp"
+            else Generator(hp.latent_dim, channels, image_size, hp.g_features, hp.g_batchnorm, hp.n_extra_layers))
+        self.critic: torch.nn.Module = (
+            MLPCritic(channels, image_size, hp.d_features, hp.mlp_layers) if hp.critic == "mlp"
+            else Critic(channels, image_size, hp.d_features, hp.critic_batchnorm, hp.n_extra_layers))
         if channels_last:  # NHWC weights; training_step converts the real batch, G's output follows its weights
             self.generator.to(memory_format=torch.channels_last)
             self.critic.to(memory_format=torch.channels_last)
-        # The averaged generator lives in the module, so checkpoints hold it and a resume continues it exactly.
-        # Built before compile: it only samples, and a copy of a compiled module would compile again.
-        # Parameters only: averaged BatchNorm statistics lag the weights (running_var 100x the live one's for
-        # thousands of steps at 0.999, near-blank samples), so they are recomputed from noise before every use.
-        self.generator_ema: AveragedModel | None = None
-        if hp.ema_decay > 0:
-            self.generator_ema = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay),
-                                               use_buffers=False)
-            self.generator_ema.requires_grad_(False)  # no optimizer's, and DDP must not wait for its gradients
+        # In the module, so checkpoints hold it; built before compile; no gradients, so DDP waits for none. Only
+        # parameters: averaged BatchNorm statistics lag the weights, so refresh_ema_batchnorm recomputes them.
+        self.generator_ema: AveragedModel | None = AveragedModel(
+            self.generator, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=False
+        ).requires_grad_(False) if hp.ema_decay > 0 else None
         self._ema_bn_step: int | None = None  # the gen_step of the averaged weights its BatchNorm stats fit
         if compile:  # in place, so state_dict keys (and checkpoints) stay those of the plain networks
             self.generator.compile()
             self.critic.compile()
-        # Persistent so a resumed run or a reloaded checkpoint draws its grids from the same noise.
+        # A buffer, so a resumed run or a reloaded checkpoint draws its grids from the same noise.
         self.register_buffer("fixed_noise", self.latents(hp.n_fixed_samples, hp.fixed_noise_seed))
-        self.gen_step = 0  # generator updates done
-        # Divergence guard: the first generator step (absolute, 1-based) at which a loss was NaN/inf, inf while
-        # none was. On the device, so it costs no sync per step; read at log points and before every checkpoint
-        # write, decided with the other ranks (check_finite). A plain attribute, not a buffer: DDP would
-        # overwrite every rank's with rank 0's.
+        self.gen_step = self.critic_step_in_iter = 0  # generator updates; critic updates since the last one
+        # The first generator step (1-based) with a NaN/inf loss, inf while none: on the device, so no sync per
+        # step; read at log points and checkpoint writes, agreed over ranks. Not a buffer: DDP would broadcast it.
         self._first_bad_step: torch.Tensor | None = None
-        self.critic_step_in_iter = 0  # critic updates done since the last generator update
-
-    # ---- the algorithm -------------------------------------------------------------------------------
 
     def critic_iters(self, gen_step: int) -> int:
-        """Critic updates before generator update number ``gen_step`` (0-based)."""
-        if self.hparams.paper_critic_schedule and (gen_step < 25 or gen_step % 500 == 0):
-            return 100  # the paper's code: lets the critic approach optimality early and now and then
-        return self.hparams.n_critic
+        """Critic updates before generator update ``gen_step`` (0-based); the paper's code: 100 early, every 500th."""
+        paper = self.hparams.paper_critic_schedule and (gen_step < 25 or gen_step % 500 == 0)
+        return 100 if paper else self.hparams.n_critic
 
     def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.hparams.latent_dim, device=self.device)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
+        hp, objective, (opt_g, opt_d) = self.hparams, LOSSES[self.hparams.loss], self.optimizers()
         real = batch.contiguous(memory_format=torch.channels_last) if self.runtime.channels_last else batch
-        n = real.shape[0]
-
-        hp = self.hparams
         penalty = None
         with self.toggled_optimizer(opt_d):
             with torch.no_grad():
-                fake = self.generator(self.noise(n))
-            real_scores = self.critic(real)  # two passes, as in the paper: BatchNorm sees real and fake apart
-            fake_scores = self.critic(fake)
-            d_loss = LOSSES[hp.loss].critic(real_scores, fake_scores)
+                fake = self.generator(self.noise(real.shape[0]))
+            d_loss = objective.critic(self.critic(real), self.critic(fake))  # 2 passes: BatchNorm sees each apart
             estimate = d_loss.detach()  # logged: the critic's loss without the penalty
             if hp.gp_weight > 0:
                 penalty = gradient_penalty(self.critic, real, fake)
@@ -132,102 +108,78 @@ class WGAN(L.LightningModule):
             self.manual_backward(d_loss)
             opt_d.step()
             if hp.clip_value > 0 and self.runtime.fused_clamp:
-                clamp_(self._critic_params, hp.clip_value)
-            elif hp.clip_value > 0:  # the seed projects' loop, one kernel launch per tensor (kept to measure it)
+                clamp_(list(self.critic.parameters()), hp.clip_value)
+            elif hp.clip_value > 0:  # the seed projects' loop, one kernel per tensor (kept to measure it)
                 for p in self.critic.parameters():
                     p.data.clamp_(-hp.clip_value, hp.clip_value)
         self._watch(d_loss)
         self.critic_step_in_iter += 1
-
         if self.critic_step_in_iter < self.critic_iters(self.gen_step):
             return
         with self.toggled_optimizer(opt_g):
-            fake_scores = self.critic(self.generator(self.noise(n)))
-            g_loss = LOSSES[hp.loss].generator(fake_scores)
+            g_loss = objective.generator(self.critic(self.generator(self.noise(real.shape[0]))))
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
         if self.generator_ema is not None:
             self.generator_ema.update_parameters(self.generator)
         self._watch(g_loss)
-        self.critic_step_in_iter = 0
-        self.gen_step += 1
+        self.critic_step_in_iter, self.gen_step = 0, self.gen_step + 1
         self.log("gen_step", self.gen_step, prog_bar=True, logger=False)  # host int: no device sync
-        if self.gen_step % self.hparams.log_every_n_gen_steps == 0:
-            self._log_curves(d_loss=estimate, g_loss=g_loss, penalty=penalty)
+        if self.gen_step % hp.log_every_n_gen_steps == 0:
+            self._log_curves(estimate, g_loss, penalty)
 
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        make = {"rmsprop": torch.optim.RMSprop,  # the paper's; it reports Adam less stable with clipping
+                "adam": functools.partial(torch.optim.Adam, betas=(hp.adam_beta1, hp.adam_beta2))}.get(hp.optimizer)
+        if make is None:
+            raise ValueError(f"optimizer={hp.optimizer!r}: expected 'rmsprop' or 'adam'")
+        return [make(self.generator.parameters(), lr=hp.lr_g), make(self.critic.parameters(), lr=hp.lr_d)]
+
+    # ---- divergence: noted on the device, decided at log points and checkpoint writes, alike on every rank ----
     def _watch(self, loss: torch.Tensor) -> None:
-        """Note the generator step in progress if ``loss`` is not finite (no device sync)."""
         # Python scalars, not host tensors: a tensor made from a host value would be one copy (a wait) per step.
         bad = torch.where(torch.isfinite(loss.detach()), math.inf, float(self.gen_step + 1))
         first = self._first_bad_step
         self._first_bad_step = bad if first is None or first.device != bad.device else torch.minimum(first, bad)
 
-    def _agreed_first_bad_step(self, device: torch.device) -> torch.Tensor:
-        """The first bad step over all ranks (the minimum), so that every rank decides alike."""
-        first_bad = self._first_bad_step if self._first_bad_step is not None else torch.tensor(math.inf)
-        first_bad = first_bad.to(device)
+    def _agreed_min(self, device: torch.device, *values: torch.Tensor) -> torch.Tensor:
+        """[first bad step, *values] on ``device``, each the minimum over all ranks, so every rank decides alike."""
+        first = self._first_bad_step if self._first_bad_step is not None else torch.tensor(math.inf)
+        stacked = torch.stack([first.to(device), *(v.float() for v in values)])
         if self._trainer is not None and self.trainer.world_size > 1:
-            first_bad = self.trainer.strategy.reduce(first_bad, reduce_op="min")
-        return first_bad
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="min")
+        return stacked
 
     def _log_curves(self, d_loss: torch.Tensor, g_loss: torch.Tensor, penalty: torch.Tensor | None) -> None:
-        """``d_loss``: the critic's loss without the penalty, whose negative is the W estimate."""
-        # One device sync per log point, none in between. Every rank logs at the same step: the reduce is safe.
-        bad = self._agreed_first_bad_step(d_loss.device)
+        """``d_loss``: the critic's loss without the penalty. Every rank logs at the same step: the reduce is safe."""
+        bad = self._agreed_min(d_loss.device)[0]  # one device sync per log point, none in between
         gp = torch.zeros_like(bad) if penalty is None else penalty.detach().float()
         d, g, gp, bad = torch.stack([d_loss.detach().float(), g_loss.detach().float(), gp, bad]).cpu().tolist()
         if bad != math.inf:  # any rank's NaN stops them all, with one message
-            raise self._divergence(int(bad))
+            raise DivergenceError(int(bad))
         objective = LOSSES[self.hparams.loss]
         metrics = {"critic/loss": d, "generator/loss": g, objective.curve: objective.estimate(d)}
-        if penalty is not None:
-            metrics["critic/gradient_penalty"] = gp
+        metrics.update({} if penalty is None else {"critic/gradient_penalty": gp})
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.gen_step)
-        # Also into callback_metrics (progress bar, checkpoint names); the loggers got them above.
-        self.log(objective.short, metrics[objective.curve], prog_bar=True, logger=False)
+        self.log(objective.short, metrics[objective.curve], prog_bar=True, logger=False)  # bar, checkpoint names
         self.log("g_loss", g, logger=False)  # final value goes to the HParams view (HParamsSummary)
-
-    def _divergence(self, gen_step: int, what: str = "a critic or generator loss") -> DivergenceError:
-        return DivergenceError(
-            f"Training diverged: {what} became NaN or inf at generator step {gen_step}. The run was stopped; "
-            "checkpoints written before that step are kept and were not overwritten. Resume from the last "
-            "good one with lower learning rates (model.lr_d, model.lr_g) or a smaller model.clip_value.",
-            gen_step,
-        )
 
     def check_finite(self) -> None:
         """Raise DivergenceError, on every rank alike, unless every loss so far and every weight is finite."""
-        weights_ok = torch.stack([torch.isfinite(p).all() for p in self.parameters()]).all().float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            weights_ok = self.trainer.strategy.reduce(weights_ok, reduce_op="min")
-        bad, ok = torch.stack([self._agreed_first_bad_step(weights_ok.device), weights_ok]).cpu().tolist()
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in self.parameters()]).all()
+        bad, ok = self._agreed_min(weights_ok.device, weights_ok).cpu().tolist()
         if bad != math.inf:
-            raise self._divergence(int(bad))
+            raise DivergenceError(int(bad))
         if not ok:
-            raise self._divergence(self.gen_step, what="a network weight")
+            raise DivergenceError(self.gen_step, what="a network weight")
 
-    @property
-    def _critic_params(self) -> list[torch.Tensor]:
-        return list(self.critic.parameters())
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        hp = self.hparams
-        if hp.optimizer == "rmsprop":
-            make = torch.optim.RMSprop
-        elif hp.optimizer == "adam":  # the paper reports it less stable with clipping; DCGAN's betas by default
-            make = functools.partial(torch.optim.Adam, betas=(hp.adam_beta1, hp.adam_beta2))
-        else:
-            raise ValueError(f"optimizer={hp.optimizer!r}: expected 'rmsprop' or 'adam'")
-        return [make(self.generator.parameters(), lr=hp.lr_g), make(self.critic.parameters(), lr=hp.lr_d)]
-
-    # ---- counters survive checkpoints ----------------------------------------------------------------
-
+    # ---- checkpoints: counters, the averaged generator's statistics and the runtime record -------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.refresh_ema_batchnorm():  # the saved statistics fit the saved averaged weights
-            checkpoint["state_dict"].update(
-                {f"generator_ema.{k}": v for k, v in self.generator_ema.state_dict().items()})
+            checkpoint["state_dict"].update(self.generator_ema.state_dict(prefix="generator_ema."))
         checkpoint["wgan_counters"] = {"gen_step": self.gen_step, "critic_step_in_iter": self.critic_step_in_iter}
         checkpoint["wgan_runtime"] = self.runtime_record()
 
@@ -238,23 +190,21 @@ class WGAN(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("wgan_counters", {})
-        self.gen_step = counters.get("gen_step", 0)
-        self.critic_step_in_iter = counters.get("critic_step_in_iter", 0)
+        self.gen_step, self.critic_step_in_iter = counters.get("gen_step", 0), counters.get("critic_step_in_iter", 0)
         self._ema_bn_step = None  # recomputed at first use: a checkpoint may predate recomputing them
 
-    # ---- sampling --------------------------------------------------------------------------------------
-
-    EMA_BN_BATCHES, EMA_BN_BATCH = 8, 64  # noise images whose statistics the averaged generator's BatchNorm gets
+    # ---- sampling: the one home of latents and samples (grids, generate, metrics, evaluate, study) -----------
+    def latents(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` codes from ``seed``, drawn on the CPU from a private generator: the same codes on any device."""
+        return torch.randn(n, self.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
     def refresh_ema_batchnorm(self) -> bool:
-        """Give the averaged generator's BatchNorm the statistics of its own weights, unless they already fit:
-        train-mode passes of noise (``update_bn``), drawn from a private seeded generator so the result depends
-        on the weights alone and the training's random stream is untouched. False when there is no average."""
+        """Give the averaged generator's BatchNorm its own weights' statistics unless they fit already: train-mode
+        passes of seeded noise (``update_bn``), so they depend on the weights alone. False without an average."""
         if self.generator_ema is None:
             return False
-        if self._ema_bn_step != self.gen_step:
-            # One draw of all the codes is bit-identical to consecutive per-batch draws from one generator.
+        if self._ema_bn_step != self.gen_step:  # one draw of all the codes equals the per-batch draws, bit for bit
             noise = self.latents(self.EMA_BN_BATCHES * self.EMA_BN_BATCH, self.hparams.fixed_noise_seed)
             update_bn(noise.split(self.EMA_BN_BATCH), self.generator_ema.module, device=self.device)
             self._ema_bn_step = self.gen_step
@@ -262,8 +212,7 @@ class WGAN(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor, ema: bool = True) -> torch.Tensor:
-        """Images in [-1, 1] for latent codes ``z``, with BatchNorm in inference mode (the training networks'
-        state is unchanged). From the averaged generator when the model keeps one, unless ``ema=False``."""
+        """One batch for ``z`` in eval mode (the mode is restored), from the averaged generator unless ema=False."""
         net = self.generator if not ema or not self.refresh_ema_batchnorm() else self.generator_ema.module
         was_training = net.training
         net.eval()
@@ -272,14 +221,8 @@ class WGAN(L.LightningModule):
         finally:
             net.train(was_training)
 
-    def latents(self, n: int, seed: int) -> torch.Tensor:
-        """``n`` latent codes from ``seed``, drawn on the CPU from a private generator: the same codes on any
-        device, and the training's random stream untouched."""
-        return torch.randn(n, self.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
-
     def sample(self, z: torch.Tensor, batch_size: int = 256, ema: bool = True) -> Iterator[torch.Tensor]:
-        """Images for the codes ``z``, ``batch_size`` at a time: float32 in [-1, 1] on the module's device, from
-        the averaged generator when there is one (unless ``ema=False``), as :meth:`generate` makes them."""
+        """Images for the codes ``z``, ``batch_size`` at a time, as float32 in [-1, 1] on the module's device."""
         for start in range(0, len(z), batch_size):
             yield self.generate(z[start:start + batch_size], ema=ema).float().clamp_(-1, 1)
 
