@@ -1,6 +1,5 @@
-"""Run by tests/test_metrics.py: the sample-quality callback under DDP on two CPU processes, each printing one JSON
-line (Lightning's launcher starts rank 1 by re-running this script). Usage: python tests/metrics_ddp_probe.py OUT_DIR
-"""
+"""``python tests/metrics_ddp_probe.py OUT_DIR`` (tests/test_metrics.py): the metrics callback under DDP on two CPU
+processes (Lightning starts rank 1 by re-running this script), each printing one RESULT line of JSON."""
 
 import json
 import sys
@@ -31,6 +30,5 @@ if __name__ == "__main__":
     trainer.fit(WGAN(n_critic=2, g_features=8, d_features=8, latent_dim=16), DataLoader(images, batch_size=8))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("metrics/")}
     # one write with its newline: print() may write the line and "\n" apart, and the two ranks share stdout
-    sys.stdout.write("RESULT " + json.dumps(
-        {"rank": trainer.global_rank, "built": quality.scorer is not None, "metrics": metrics}) + "\n")
-    sys.stdout.flush()
+    result = dict(rank=trainer.global_rank, built=quality.scorer is not None, metrics=metrics)
+    sys.stdout.write(f"RESULT {json.dumps(result)}\n")

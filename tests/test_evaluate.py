@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tests.conftest import LEGACY_CKPT, LEGACY_EMA_CKPT, REPO, assert_one_error, call, run_cli, tiny_classifier
 from wgan_lit import classifier as clf
 from wgan_lit import evaluate, fashion_mnist, metrics
-from wgan_lit.config import ConfigError, MetricsConfig, TrainConfig, validate
+from wgan_lit.config import ConfigError, DataConfig, MetricsConfig, TrainConfig, validate
 from wgan_lit.evaluate import EvaluateConfig
 
 
@@ -44,7 +44,7 @@ def test_help_lists_every_key_with_the_metrics_keys_and_defaults_of_training(cap
         assert re.search(rf"^  metrics\.{f.name}={re.escape(str(default))}(  |$)", out, re.M), f.name
 
 
-def test_one_table_or_one_json_object_deterministic_and_following_the_seed(args, tiny_run, capsys):
+def test_one_table_or_json_object_deterministic_following_the_seed_and_image_size(args, tiny_run, capsys, monkeypatch):
     code, out, err = call(evaluate.main, args, capsys)
     assert code == 0, err
     assert ("(generator step 12): 30 samples, seed 0, vs 64 real fashion_mnist test images at 28 x 28, averaged "
@@ -62,16 +62,11 @@ def test_one_table_or_one_json_object_deterministic_and_following_the_seed(args,
     assert first["skipped"] == dict.fromkeys(("fid_inception", "kid_inception"), "metrics.inception=false")
     other = run(args, capsys, "metrics.seed=1")
     assert other["seed"] == 1 and other["metrics"] != first["metrics"]
-
-
-def test_image_size_scores_on_another_ruler_and_the_model_s_own_size_changes_nothing(args, capsys, monkeypatch):
     sizes, score = [], metrics.SampleQuality.score  # the size of the generated images each score sees
-    monkeypatch.setattr(metrics.SampleQuality, "score", lambda self, fake: sizes.append(fake.shape[-1]) or score(self,
-                                                                                                              fake))
-    own, same, other = run(args, capsys), run(args, capsys, "image_size=28"), run(args, capsys, "image_size=32")
-    assert [own["image_size"], same["image_size"], other["image_size"]] == [28, 28, 32]
-    assert same["metrics"] == own["metrics"] != other["metrics"]  # samples and real images both resized to 32 first
-    assert sizes == [28] * 4 + [32] * 2  # the raw and the averaged generator
+    monkeypatch.setattr(metrics.SampleQuality, "score", lambda q, fake: sizes.append(fake.shape[-1]) or score(q, fake))
+    same, other = run(args, capsys, "image_size=28"), run(args, capsys, "image_size=32")
+    assert [same["image_size"], other["image_size"], sizes] == [28, 32, [28, 28, 32, 32]]  # raw and averaged: 2 each
+    assert same["metrics"] == first["metrics"] != other["metrics"]  # at 32 both samples and real images are resized
 
 
 @pytest.mark.parametrize("ckpt", [LEGACY_CKPT, LEGACY_EMA_CKPT], ids=["plain", "averaged"])
@@ -81,14 +76,17 @@ def test_a_checkpoint_of_e089f38_is_scored(args, tiny_run, capsys, ckpt):
     assert ("metrics_raw" in result) == (ckpt == LEGACY_EMA_CKPT)
 
 
-def test_the_data_section_of_the_run(tmp_path):
-    (tmp_path / "run" / ".hydra").mkdir(parents=True)
-    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("data:\n  name: fashion_mnist\n  root: /somewhere\n  "
-                                                            "image_size: 32\n  key_of_a_later_version: 1\n")
+def test_the_data_section_of_the_run_and_a_data_set_this_version_lacks(args, tmp_path, capsys):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert (evaluate.run_data_config(ckpt, "").root, evaluate.run_data_config(ckpt, "").image_size) == ("/somewhere", 32)
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("data:\n  name: mnist_v9\n  root: /somewhere\n  "
+                                                            "image_size: 32\n  key_of_a_later_version: 1\n")
+    assert evaluate.run_data_config(ckpt, "") == DataConfig(name="mnist_v9", root="/somewhere", image_size=32)
     assert evaluate.run_data_config(ckpt, "/elsewhere").root == "/elsewhere"
-    assert evaluate.run_data_config(tmp_path / "x.ckpt", "").root == "data"  # not in a run directory
+    assert evaluate.run_data_config(tmp_path / "x.ckpt", "") == DataConfig()  # not in a run directory
+    ckpt.parent.mkdir()
+    shutil.copy(args[0].split("=", 1)[1], ckpt)
+    assert_one_error(*call(evaluate.main, [*args, f"checkpoint={ckpt}"], capsys), "data.name='mnist_v9'", "celeba")
 
 
 def test_every_bad_command_line_or_file_is_one_error_line_and_the_right_values_work(args, tmp_path, monkeypatch,
@@ -96,10 +94,6 @@ def test_every_bad_command_line_or_file_is_one_error_line_and_the_right_values_w
     monkeypatch.chdir(tmp_path)
     ckpt, rest, junk = args[0].split("=", 1)[1], args[1:], tmp_path / "junk"
     junk.write_bytes(b"not a checkpoint")
-    (tmp_path / "run" / ".hydra").mkdir(parents=True)  # a run of a data set this version does not have
-    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("data:\n  name: mnist_v9\n")
-    (tmp_path / "run" / "checkpoints").mkdir()
-    shutil.copy(ckpt, tmp_path / "run" / "checkpoints" / "last.ckpt")
     cases = [
         (["n_samples=30"], ["n_samples"]), (["metrics.nsamples=30"], ["nsamples"]),  # unknown keys
         (["metrics.n_samples=many"], ["metrics.n_samples=many"]), (["json=maybe"], ["json=maybe"]),  # wrong types
@@ -111,8 +105,7 @@ def test_every_bad_command_line_or_file_is_one_error_line_and_the_right_values_w
         *([(["device=cuda"], ["device=cpu"])] if not torch.cuda.is_available() else []),
         ([f"checkpoint={tmp_path / 'none.ckpt'}"], [f"checkpoint {tmp_path / 'none.ckpt'}: no such file"]),
         ([f"checkpoint={junk}"], [f"checkpoint {junk}: not a PyTorch checkpoint"]),
-        ([f"metrics.classifier_path={junk}"], [f"{junk}: not a wgan_lit classifier"]),
-        ([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"], ["data.name='mnist_v9'", "fashion_mnist"])]
+        ([f"metrics.classifier_path={junk}"], [f"{junk}: not a wgan_lit classifier"])]
     for bad, fragments in cases:
         assert_one_error(*call(evaluate.main, [*args, *bad], capsys), *fragments)
     for argv, fragments in [(rest, ["checkpoint", "write checkpoint=VALUE"]), ([], ["checkpoint"]),

@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -17,21 +18,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from tests.conftest import (
-    ENV,
-    REPO,
-    TINY,
-    RandomImages,
-    assert_same_training_state,
-    load,
-    tiny_classifier,
-    tiny_config,
-    write_fake_fashion_mnist,
-)
+from tests.conftest import ENV, REPO, TINY, RandomImages, assert_same_training_state, load, tiny_classifier, tiny_config
 from wgan_lit import classifier as clf
 from wgan_lit import metrics
 from wgan_lit.callbacks import GeneratorStepLimit
-from wgan_lit.config import DataConfig
+from wgan_lit.config import DataConfig, MetricsConfig
 from wgan_lit.data import build_datamodule
 from wgan_lit.fashion_mnist import SYSTEM_DIRS, load_fashion_mnist, locate_fashion_mnist
 from wgan_lit.metrics import METRICS, Metric, SampleQuality, SampleQualityCallback, find_inception_weights
@@ -50,7 +41,7 @@ def scalar_steps(run, tag: str = "metrics/fd_classifier") -> list[int]:
 
 
 @pytest.mark.real_data
-@pytest.mark.skipif(not SYSTEM_DIRS[0].is_dir(), reason="real Fashion-MNIST absent: apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(not SYSTEM_DIRS[0].is_dir(), reason="no real Fashion-MNIST: apt-get install dataset-fashion-mnist")
 def test_on_real_data_the_metrics_measure_what_they_claim():
     (train_x, train_y), (test_x, test_y) = (load_fashion_mnist(*locate_fashion_mnist(SYSTEM_DIRS[0], s))
                                             for s in ("train", "test"))
@@ -70,12 +61,6 @@ def test_on_real_data_the_metrics_measure_what_they_claim():
     assert q.score(test_x[:1000].float() / 127.5 - 1) == q.score(test_x[:1000])  # floats in [-1, 1] as their uint8
 
 
-def test_normalized_entropy():
-    assert metrics.normalized_entropy(torch.tensor([5, 5, 5, 5])) == pytest.approx(1.0)
-    assert str(metrics.normalized_entropy(torch.tensor([0, 7, 0, 0]))) == "0.0"
-    assert metrics.normalized_entropy(torch.tensor([1, 1, 0, 0])) == pytest.approx(0.5)
-
-
 def test_scores_are_deterministic_follow_the_seed_and_the_real_images_and_draw_no_global_random_number():
     real, fake, model = u8(300, seed=1), u8(200, seed=2), tiny_classifier()
     a, b, other = (SampleQuality(real, m, kid_subsets=10, kid_subset_size=50, seed=s)
@@ -91,7 +76,7 @@ def test_scores_are_deterministic_follow_the_seed_and_the_real_images_and_draw_n
     assert a.score(fake) == first
 
 
-def test_kid_draws_the_subsets_torch_manual_seed_would_from_a_private_generator():
+def test_kid_draws_the_subsets_torch_manual_seed_would_from_a_private_generator_and_coverage_s_entropy():
     real, fake = torch.randn(64, 8), torch.randn(40, 8) + 0.3
     kid = KernelInceptionDistance(feature=nn.Identity(), subsets=4, subset_size=16)
     kid.update(real, real=True)
@@ -100,6 +85,9 @@ def test_kid_draws_the_subsets_torch_manual_seed_would_from_a_private_generator(
     expected = kid.compute()  # torchmetrics' own draws from the seeded global RNG
     assert [float(v) for v in metrics.kid_compute(real, fake, 4, 16, 5)] == [float(v) for v in expected]
     assert float(metrics.kid_compute(real, fake, 4, 16, 6)[0]) != float(expected[0])  # control: the seed decides
+    assert metrics.normalized_entropy(torch.tensor([5, 5, 5, 5])) == pytest.approx(1.0)  # coverage's entropy
+    assert str(metrics.normalized_entropy(torch.tensor([0, 7, 0, 0]))) == "0.0"
+    assert metrics.normalized_entropy(torch.tensor([1, 1, 0, 0])) == pytest.approx(0.5)
 
 
 def test_inception_weights_come_from_disk_or_one_checked_download_asked_for(tmp_path, monkeypatch):
@@ -141,16 +129,9 @@ def test_inception_metrics_when_weights_are_on_disk(tmp_path, monkeypatch):
 
 
 def test_the_callback_scores_its_schedule_builds_once_and_keeps_the_best_by_a_metric_a_test_adds(tmp_path, monkeypatch):
-    class Brightness:  # a new metric, added by one METRICS entry
-        names = ("brightness",)
-
-        def __init__(self, q: SampleQuality) -> None:
-            self.mean = q.real.float().mean()
-
-        def score(self, fake: torch.Tensor) -> dict[str, float]:
-            return {"brightness": float((fake.float().mean() - self.mean).abs())}
-
-    monkeypatch.setitem(METRICS, "brightness", Metric("min", Brightness))
+    mean = lambda images: float(images.float().mean())  # a new metric, added by one METRICS entry
+    monkeypatch.setitem(METRICS, "brightness", Metric("min", lambda q: SimpleNamespace(
+        names=("brightness",), score=lambda fake: {"brightness": abs(mean(fake) - mean(q.real))})))
     built = []
     quality = SampleQualityCallback(lambda device: built.append(device) or SampleQuality(
         u8(100, seed=1), tiny_classifier(), kid_subsets=3, kid_subset_size=20), every_n_gen_steps=2, n_samples=30)
@@ -171,40 +152,35 @@ def test_the_callback_scores_its_schedule_builds_once_and_keeps_the_best_by_a_me
 
 
 @pytest.fixture
-def scored(tmp_path, monkeypatch):
+def scored(fake_fmnist, tmp_path, monkeypatch):
     """(fake Fashion-MNIST, a tiny classifier file): what an in-process run with metrics needs, no Inception."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    data = write_fake_fashion_mnist(tmp_path / "data", n_train=128, n_test=64)
-    return data, clf.save(tiny_classifier(), tmp_path / "c.pt", test_accuracy=1.0)  # plumbing only: no real data
+    return fake_fmnist, clf.save(tiny_classifier(), tmp_path / "c.pt", test_accuracy=1.0)  # plumbing: no real data
 
 
-def metrics_config(cfg, weights, every: int = 2):
+def train_scored(scored, run_dir, max_gen_steps, every=2, ckpt_path="", trainer=(), **model) -> dict:
+    """last.ckpt (and "final": what train() returned) of an in-process run scored every ``every`` generator steps."""
+    cfg = tiny_config(scored[0], max_gen_steps, ckpt_path, dict(log_every_n_gen_steps=99, sample_every_n_gen_steps=0),
+                      **model)
+    cfg.trainer.update(trainer)
     cfg.metrics.every_n_gen_steps, cfg.metrics.n_samples, cfg.metrics.kid_subsets = every, 20, 2
-    cfg.metrics.classifier_path = str(weights)
-    return cfg
+    cfg.metrics.classifier_path = str(scored[1])
+    final = train(cfg, run_dir)
+    return {**load(run_dir / "checkpoints" / "last.ckpt"), "final": final}
 
 
 def test_training_scores_against_its_training_images_evaluate_against_the_test_set(scored, tmp_path):
-    data, weights = scored
-    mc, dc = metrics_config(tiny_config(data, 4), weights).metrics, DataConfig(root=str(data))
+    (data, weights), dc = scored, DataConfig(root=str(scored[0]))
+    mc = MetricsConfig(every_n_gen_steps=2, kid_subsets=2, classifier_path=str(weights))
     in_training = metrics.sample_quality_callbacks(mc, dc, tmp_path, build_datamodule(dc))[0].make_scorer("cpu")
     assert torch.equal(in_training.real, load_fashion_mnist(*locate_fashion_mnist(data, "train"))[0])
     in_evaluate = metrics.build_sample_quality(mc, dc, build_datamodule(dc))[0]
     assert torch.equal(in_evaluate.real, load_fashion_mnist(*locate_fashion_mnist(data, "test"))[0])
 
 
-def test_training_with_metrics_logs_them_keeps_the_best_and_ends_with_the_same_weights(scored, tmp_path, monkeypatch,
-                                                                                        capfd):
-    data, weights = scored
-
-    def run(name: str, with_metrics: bool = True) -> dict:
-        cfg = tiny_config(data, 5, ema_decay=0.9, logger={"log_every_n_gen_steps": 100, "sample_every_n_gen_steps": 0})
-        if not with_metrics:
-            cfg.metrics.every_n_gen_steps = 0
-        final = train(metrics_config(cfg, weights), tmp_path / name)
-        return {**load(tmp_path / name / "checkpoints" / "last.ckpt"), "final": final}
-
-    on, off = run("on"), run("off", with_metrics=False)
+def test_training_with_metrics_logs_them_keeps_the_best_and_ends_with_the_same_weights(scored, tmp_path, capfd,
+                                                                                        monkeypatch):
+    on, off = (train_scored(scored, tmp_path / run, 5, every, ema_decay=0.9) for run, every in [("on", 2), ("off", 0)])
     assert "Inception FID/KID skipped" in capfd.readouterr().err
     assert {"metrics/fd_classifier", "metrics/kid", "metrics/coverage", "metrics_raw/coverage"} <= set(on["final"])
     assert scalar_steps(tmp_path / "on") == [0, 2, 4, 5]
@@ -214,22 +190,17 @@ def test_training_with_metrics_logs_them_keeps_the_best_and_ends_with_the_same_w
     score = SampleQuality.score
     monkeypatch.setattr(SampleQuality, "score", lambda self, fake: (torch.rand(1), score(self, fake))[1])
     with pytest.raises(AssertionError):
-        assert_same_training_state(run("leaky"), off)
+        assert_same_training_state(train_scored(scored, tmp_path / "leaky", 5, ema_decay=0.9), off)
 
 
 def test_a_max_time_stop_scores_the_final_model_and_its_resume_does_not_score_it_again(scored, tmp_path):
-    data, weights = scored
-
-    def run(max_gen_steps: int, ckpt_path: str = "", **trainer) -> int:
-        cfg = tiny_config(data, max_gen_steps, ckpt_path, {"log_every_n_gen_steps": 100, "sample_every_n_gen_steps": 0})
-        cfg.trainer.update(trainer)
-        train(metrics_config(cfg, weights), tmp_path / "run")
-        return load(tmp_path / "run" / "checkpoints" / "last.ckpt")["wgan_counters"]["gen_step"]
-
-    final = run(-1, max_epochs=-1, max_time="00:00:00:03")
-    assert final > 0 and scalar_steps(tmp_path / "run") == sorted({*range(0, final, 2), final})
-    assert run(final + 3, str(tmp_path / "run" / "checkpoints" / "last.ckpt"), max_epochs=-1) == final + 3
-    assert scalar_steps(tmp_path / "run") == sorted({*range(0, final + 3, 2), final, final + 3})  # `final` once
+    run, last = tmp_path / "run", str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    timed = {"max_epochs": -1, "max_time": "00:00:00:03"}
+    final = train_scored(scored, run, -1, trainer=timed)["wgan_counters"]["gen_step"]
+    assert final > 0 and scalar_steps(run) == sorted({*range(0, final, 2), final})
+    assert train_scored(scored, run, final + 3, ckpt_path=last, trainer={"max_epochs": -1})["wgan_counters"][
+        "gen_step"] == final + 3
+    assert scalar_steps(run) == sorted({*range(0, final + 3, 2), final, final + 3})  # both runs' files: `final` once
 
 
 def test_an_evaluation_and_a_classifier_build_never_seed_the_global_rng(monkeypatch):

@@ -17,7 +17,7 @@ from torch import nn
 
 from wgan_lit import cli
 from wgan_lit.checkpointing import atomic_torch_save
-from wgan_lit.config import DataError, user_cache_dir
+from wgan_lit.config import DataError, declared_rules, rule, user_cache_dir
 from wgan_lit.data import to_unit_range
 from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
 
@@ -58,20 +58,17 @@ class FashionClassifier(nn.Module):
 
 
 @torch.no_grad()
-def accuracy(model: FashionClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy on uint8 images (N, 1, H, W)."""
-    device = next(model.eval().parameters()).device
-    return sum(int((model(to_unit_range(images[i : i + batch_size].to(device))).argmax(1).cpu()
-                    == labels[i : i + batch_size]).sum()) for i in range(0, len(images), batch_size)) / len(images)
+def accuracy(model: FashionClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy of a classifier on the CPU for uint8 images (N, 1, H, W)."""
+    return sum(int((model.eval()(to_unit_range(images[i : i + batch])).argmax(1) == labels[i : i + batch]).sum())
+               for i in range(0, len(images), batch)) / len(images)
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 4, batch_size: int = 256,
                      lr: float = 4e-3, seed: int = 0, width: int = 32, num_features: int = 128,
                      log: Callable[..., Any] = lambda *a, **k: None) -> FashionClassifier:
-    """A FashionClassifier fit on the CPU to uint8 images (N, 1, 28, 28) and labels, deterministic for a seed; its
-    draws (weights, dropout, order) leave the caller's random streams as they were (not torch.manual_seed: it
-    would reseed every CUDA device, a run's noise)."""
-    with torch.random.fork_rng(devices=[]):
+    """A FashionClassifier fit on the CPU to uint8 images (N, 1, 28, 28) and labels, deterministic for a seed."""
+    with torch.random.fork_rng(devices=[]):  # its draws leave the caller's as they were; manual_seed would reseed CUDA
         torch.default_generator.manual_seed(seed)
         model, steps = FashionClassifier(width, num_features), len(images) // batch_size
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -102,8 +99,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> FashionC
         model = FashionClassifier(blob["width"], blob["num_features"])
         model.load_state_dict(blob["state_dict"])
     except Exception as err:  # torch.load and load_state_dict raise many types for a bad file
-        raise ClassifierError(f"{path}: not a wgan_lit classifier ({type(err).__name__}: {str(err).splitlines()[0]}). Delete it and run "
-                              "`python -m wgan_lit.classifier` to train a new one.") from err
+        raise ClassifierError(f"{path}: not a wgan_lit classifier ({type(err).__name__}: {str(err).splitlines()[0]})"
+                              ". Delete it and run `python -m wgan_lit.classifier` to train a new one.") from err
     if (acc := blob.get("test_accuracy", 0.0)) < MIN_ACCURACY:
         raise ClassifierError(f"{path}: test accuracy {acc:.3f} is below {MIN_ACCURACY:.2f}; retrain it with "
                               f"`python -m wgan_lit.classifier out={path}`.")
@@ -115,9 +112,8 @@ def build(out: str | Path | None = None, data_root: str | Path = "data", epochs:
           log: bool = True) -> tuple[FashionClassifier, float]:
     """Train on the real training set, measure on the real test set, save to ``out``; (model, accuracy)."""
     out, start, say = Path(out) if out else default_path(), time.perf_counter(), print if log else lambda *a, **k: None
-    (train_x, train_y), (test_x, test_y) = (load_fashion_mnist(*locate_fashion_mnist(data_root, s)) for s in
-                                            ("train", "test"))
-    model = train_classifier(train_x, train_y, epochs=epochs, seed=seed, log=say)
+    (x, y), (test_x, test_y) = (load_fashion_mnist(*locate_fashion_mnist(data_root, s)) for s in ("train", "test"))
+    model = train_classifier(x, y, epochs=epochs, seed=seed, log=say)
     acc, seconds = accuracy(model, test_x, test_y), time.perf_counter() - start
     say(f"test accuracy {acc:.4f} after {epochs} epochs ({seconds:.0f} s)", flush=True)
     if acc < MIN_ACCURACY:
@@ -143,18 +139,16 @@ def load_or_build(path: str | Path | None = None, data_root: str | Path = "data"
 
 
 @dataclass
-class ClassifierConfig:
-    """The keys of ``python -m wgan_lit.classifier``."""
-
+class ClassifierConfig:  # the keys of python -m wgan_lit.classifier
     out: str = ""  # where to save it; "" = $WGAN_LIT_CACHE or ~/.cache/wgan_lit/fmnist_classifier.pt
     data_root: str = "data"  # the Fashion-MNIST IDX files (/usr/share/datasets/fashion-mnist is looked in too)
-    epochs: int = 4
+    epochs: int = rule(4, ge=1)
     seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse(ClassifierConfig, sys.argv[1:] if argv is None else argv, prog="wgan_lit.classifier",
-                    doc=__doc__, check=lambda c: cli.problems([("epochs", c.epochs, c.epochs >= 1, ">= 1")]))
+                    doc=__doc__, check=lambda c: cli.problems(declared_rules(c)))
     try:
         build(cfg.out or None, cfg.data_root, cfg.epochs, cfg.seed)
     except (DataError, ClassifierError) as err:

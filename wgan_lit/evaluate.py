@@ -1,13 +1,12 @@
-"""Score a checkpoint: ``python -m wgan_lit.evaluate [checkpoint=]PATH [key=value ...]`` prints one table (or with
-``json=true`` one JSON object) of the metrics of ``metrics.n_samples`` fixed-noise images, with training's
-``metrics.*`` keys, the averaged generator's (``metrics``) beside the raw one's (``metrics_raw``), against the data of
-the run's ``.hydra/config.yaml`` (``data_root=`` moves its folder)."""
+"""Score a checkpoint: ``python -m wgan_lit.evaluate [checkpoint=]PATH [key=value ...]`` prints a table (json=true:
+a JSON object) of the metrics of ``metrics.n_samples`` fixed-noise images (training's ``metrics.*`` keys), an average's
+(``metrics``) beside the raw generator's (``metrics_raw``), against the data of the run's ``.hydra/config.yaml``."""
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import MISSING, OmegaConf
@@ -21,9 +20,7 @@ from wgan_lit.metrics import METRICS, build_sample_quality
 
 
 @dataclass
-class EvaluateConfig:
-    """The keys of ``python -m wgan_lit.evaluate`` (``metrics.*``: MetricsConfig's, the one home of their defaults)."""
-
+class EvaluateConfig:  # the keys of python -m wgan_lit.evaluate; metrics.*: MetricsConfig's, their one home
     checkpoint: str = MISSING  # a .ckpt file of a run, e.g. RUN/checkpoints/last.ckpt
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # n_samples, seed, classifier, Inception, KID
     data_root: str = ""  # "" = the run's data.root (or "data"); the system Fashion-MNIST is found either way
@@ -42,15 +39,13 @@ def run_data_config(checkpoint: Path, data_root: str) -> DataConfig:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    """Load the checkpoint, generate, score against the data set's ``reference_split``: one JSON-ready dict."""
+    """Load, generate, score against the data set's ``reference_split``: one JSON-ready dict."""
     path, mc = Path(cfg.checkpoint), cfg.metrics
     model = load_generator(path, cfg.device)  # CheckpointError names the file and what is wrong with it
-    dc = run_data_config(path, cfg.data_root)
-    dc.image_size = cfg.image_size or model.hparams.image_size
+    dc = replace(run_data_config(path, cfg.data_root), image_size=cfg.image_size or model.hparams.image_size)
     if dc.name not in data.DATAMODULES:
         raise ConfigError(f"data.name={dc.name!r} of the run's config: expected one of {', '.join(data.DATAMODULES)}")
     datamodule = data.build_datamodule(dc)
-    # Against reference_split: Fashion-MNIST's test set, which training never scores on.
     scorer, skipped = build_sample_quality(mc, dc, datamodule, model.device)
     result = dict(checkpoint=str(path), gen_step=model.gen_step, n_samples=mc.n_samples, image_size=dc.image_size,
                   seed=mc.seed, data=dc.name, n_real=scorer.n_real if scorer else 0,

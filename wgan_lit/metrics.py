@@ -49,8 +49,7 @@ def normalized_entropy(counts: torch.Tensor) -> float:
 
 def kid_compute(real: torch.Tensor, fake: torch.Tensor, subsets: int, size: int, seed: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KID's (mean, std) over random subsets of the features: torchmetrics' after ``torch.manual_seed(seed)``, the
-    subsets drawn from a private generator instead (manual_seed would reseed CUDA's stream: the run's noise)."""
+    """torchmetrics' KID (mean, std) after torch.manual_seed(seed), which would also reseed CUDA's (the run's) RNG."""
     gen = torch.Generator().manual_seed(seed)
     scores = torch.stack([poly_mmd(real[torch.randperm(len(real), generator=gen)[:size]],
                                    fake[torch.randperm(len(fake), generator=gen)[:size]]) for _ in range(subsets)])
@@ -59,8 +58,7 @@ def kid_compute(real: torch.Tensor, fake: torch.Tensor, subsets: int, size: int,
 
 def find_inception_weights(configured: str | Path | None = None, download_from: str = ""
                            ) -> tuple[Path | None, str]:
-    """(path, "") of the Inception weights on disk, or (None, why not). Fetches them into the torch hub cache only
-    with ``download_from`` (metrics.inception_download=true gives metrics.inception_url), checking the sha256."""
+    """(path, "") of the Inception weights on disk, or (None, why not); fetched, checked, only from download_from."""
     if not _TORCH_FIDELITY_AVAILABLE:
         return None, "torch-fidelity is not installed (pip install 'wgan_lit[inception]')"
     if configured:
@@ -86,8 +84,7 @@ def find_inception_weights(configured: str | Path | None = None, download_from: 
 
 
 class Distances:
-    """A part of SampleQuality: ``names`` = (Frechet distance, KID, its std[, coverage]) in the feature space of
-    ``extract`` (uint8 images -> features, the real ones once); ``head`` (features -> logits) adds the coverage."""
+    """A part of SampleQuality: Frechet distance, KID (and with ``head``, coverage) on ``extract``'s features."""
 
     def __init__(self, q: SampleQuality, names: tuple[str, ...], extract: Callable[[torch.Tensor], torch.Tensor],
                  num_features: int, head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -150,8 +147,7 @@ METRICS: dict[str, Metric] = {"fd_classifier": Metric("min", _classifier), "kid"
 
 @dataclass(eq=False)
 class SampleQuality:
-    """Scores generated images against ``real`` (uint8 N x C x H x W at the model's size) with every METRICS entry
-    that applies: the classifier's with ``classifier``, Inception's with ``inception_weights``."""
+    """Scores generated images against ``real`` (uint8 N x C x H x W) with every METRICS entry that applies."""
 
     real: torch.Tensor
     classifier: clf.FashionClassifier | None = None
@@ -182,8 +178,7 @@ class SampleQuality:
 
     def sample_scores(self, model: Any, n_samples: int, seed: int, batch_size: int = 500, size: int = 0
                       ) -> dict[str, dict[str, float]]:
-        """{"metrics": scores} of ``n_samples`` images of ``model.latents(n_samples, seed)``, after "metrics_raw" (the
-        raw generator's) beside an averaged generator; ``size``: resized to it first."""
+        """{"metrics": scores, "metrics_raw": the raw generator's beside an average} of the latents of ``seed``."""
         z, out = model.latents(n_samples, seed), {}
         for key, ema in [("metrics_raw", False)] * (model.generator_ema is not None) + [("metrics", True)]:
             fake = torch.cat([to_uint8(x) for x in model.sample(z, batch_size, ema=ema)])
@@ -243,8 +238,7 @@ class SampleQualityCallback(L.Callback):
 
 def build_sample_quality(mc: MetricsConfig, data: DataConfig, datamodule: Any, device: str | torch.device = "cpu",
                          split: str | None = None) -> tuple[SampleQuality | None, dict[str, str]]:
-    """(a SampleQuality against ``datamodule.reference_images(split)`` with the metrics available offline, or None;
-    {skipped metric: why}), with a notice for each skip. The classifier's need a class that ``has_classifier``."""
+    """(a SampleQuality against ``datamodule.reference_images(split)``, or None; {skipped metric: why}), noticed."""
     classifier = clf.load_or_build(mc.classifier_path or None, data.root, device) if datamodule.has_classifier else None
     if classifier is None:
         notice(f"fd_classifier, kid and coverage skipped: the classifier knows Fashion-MNIST, not {data.name}")
@@ -261,8 +255,7 @@ def build_sample_quality(mc: MetricsConfig, data: DataConfig, datamodule: Any, d
 
 def sample_quality_callbacks(mc: MetricsConfig, data: DataConfig, checkpoint_dir: str | Path, datamodule: Any
                              ) -> list[L.Callback]:
-    """The training-time callbacks of ``metrics.*``: none when off; else the scorer (against training images: the
-    test set stays unseen) and, by ``metrics.checkpoint_monitor``, the best checkpoint."""
+    """The scorer (on training images: the test set stays unseen) and the best checkpoint, when metrics are on."""
     if mc.every_n_gen_steps <= 0 and mc.every_n_seconds <= 0:
         return []
     make_scorer = lambda device: build_sample_quality(mc, data, datamodule, device, split="train")[0]
