@@ -22,7 +22,6 @@ from wgan_lit.data import to_unit_range
 from wgan_lit.fashion_mnist import load_fashion_mnist, locate_fashion_mnist
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-INPUT_SIZE = 28  # other image sizes are resized to this before classification
 MIN_ACCURACY = 0.90  # on the real test set; below this the features are not trusted
 
 
@@ -49,8 +48,8 @@ class FashionClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations (N, num_features) of images in [-1, 1], shape (N, 1, H, W)."""
-        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-2:] != (28, 28):  # other image sizes are resized to Fashion-MNIST's
+            x = F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +108,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> FashionC
 
 
 def build(out: str | Path | None = None, data_root: str | Path = "data", epochs: int = 4, seed: int = 0,
-          log: bool = True) -> tuple[FashionClassifier, float]:
-    """Train on the real training set, measure on the real test set, save to ``out``; (model, accuracy)."""
+          log: bool = True) -> None:
+    """Train on the real training set, measure on the real test set, save to ``out`` (default: default_path())."""
     out, start, say = Path(out) if out else default_path(), time.perf_counter(), print if log else lambda *a, **k: None
     (x, y), (test_x, test_y) = (load_fashion_mnist(*locate_fashion_mnist(data_root, s)) for s in ("train", "test"))
     model = train_classifier(x, y, epochs=epochs, seed=seed, log=say)
@@ -121,7 +120,6 @@ def build(out: str | Path | None = None, data_root: str | Path = "data", epochs:
                               f"{epochs} epochs; try epochs={epochs + 2}.")
     save(model, out, acc, epochs=epochs, seed=seed, train_seconds=round(seconds, 1))
     say(f"saved {out}")
-    return model, acc
 
 
 def load_or_build(path: str | Path | None = None, data_root: str | Path = "data",

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -125,8 +125,6 @@ def _classifier(q: SampleQuality) -> Distances | None:
 def _inception(q: SampleQuality) -> Distances | None:
     if q.inception_weights is None:
         return None
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
     # An explicit path: torch-fidelity would download the weights if it were None.
     net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(q.inception_dims)],
                              feature_extractor_weights_path=str(q.inception_weights)).to(q.device)
@@ -211,15 +209,14 @@ class SampleQualityCallback(L.Callback):
             self._score(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step, every, seconds = pl_module.gen_step, self.every, self.seconds
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs >= 1
+        step, last_epoch = pl_module.gen_step, trainer.current_epoch + 1 >= (trainer.max_epochs or 0) >= 1
         if step == self._last_step:
             return
-        if (every > 0 and step % every == 0) or trainer.should_stop or (trainer.is_last_batch and last_epoch):
+        # On time, rank 0's clock decides, every 10th generator step, so that every rank takes part in the broadcast.
+        if ((self.every > 0 and step % self.every == 0) or trainer.should_stop or (trainer.is_last_batch and last_epoch)
+                or (self.seconds > 0 and step % 10 == 0 and trainer.strategy.broadcast(
+                    time.monotonic() - self._last_time >= self.seconds, src=0))):
             self._score(trainer, pl_module)
-        elif seconds > 0 and step % 10 == 0:  # rank 0's clock decides, every 10th step, so every rank broadcasts
-            if trainer.strategy.broadcast(time.monotonic() - self._last_time >= seconds, src=0):
-                self._score(trainer, pl_module)
 
     def _score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = pl_module.gen_step
