@@ -1,6 +1,6 @@
 """Break the training step on purpose, once per mutant, in a copy of the tree; each must fail the algorithm tests.
 
-    .venv/bin/python .ci/mutants.py [pytest args ...]   (default: tests/test_module.py -x -q)
+    .venv/bin/python .ci/mutants.py [pytest args ...]   (default: tests/test_module.py tests/test_losses.py -x -q)
 
 Prints one line per mutant (killed / SURVIVED) and exits 1 if any survived. Not part of the suite: it runs the
 given tests once per mutant (minutes).
@@ -15,20 +15,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODULE = "wgan_lit/module.py"
+MODULE, LOSSES = "wgan_lit/module.py", "wgan_lit/losses.py"
 # (name, file, text, replacement): each text must occur exactly once.
 MUTANTS = [
-    ("critic arguments swapped", MODULE, "LOSSES[hp.loss].critic(real_scores, fake_scores)",
-     "LOSSES[hp.loss].critic(fake_scores, real_scores)"),
-    ("generator loss sign flipped", MODULE, "g_loss = LOSSES[hp.loss].generator(fake_scores)",
-     "g_loss = -LOSSES[hp.loss].generator(fake_scores)"),
-    ("Wasserstein loss sign flipped", "wgan_lit/losses.py", "return -fake_scores.float().mean()",
-     "return fake_scores.float().mean()"),
-    ("clamp at twice the bound", MODULE, "clamp_(self._critic_params, hp.clip_value)",
-     "clamp_(self._critic_params, 2 * hp.clip_value)"),
-    ("clamp skipped", MODULE, "clamp_(self._critic_params, hp.clip_value)", "pass"),
-    ("clamp of the upper bound only", "wgan_lit/module.py", "torch._foreach_clamp_min_(params, -clip_value)",
-     "pass"),
+    ("critic arguments swapped", MODULE, "objective.critic(self.critic(real), self.critic(fake))",
+     "(lambda r, f: objective.critic(f, r))(self.critic(real), self.critic(fake))"),
+    ("generator loss sign flipped", MODULE, "g_loss = objective.generator(", "g_loss = -objective.generator("),
+    ("Wasserstein loss sign flipped", LOSSES, "lambda fake: -fake.float().mean()", "lambda fake: fake.float().mean()"),
+    ("clamp at twice the bound", MODULE, "clamp_(list(self.critic.parameters()), hp.clip_value)",
+     "clamp_(list(self.critic.parameters()), 2 * hp.clip_value)"),
+    ("clamp skipped", MODULE, "clamp_(list(self.critic.parameters()), hp.clip_value)", "pass"),
+    ("clamp of the upper bound only", MODULE, "torch._foreach_clamp_min_(params, -clip_value)", "pass"),
     ("one critic step too many", MODULE, "if self.critic_step_in_iter < self.critic_iters(self.gen_step):",
      "if self.critic_step_in_iter <= self.critic_iters(self.gen_step):"),
     ("one critic step too few", MODULE, "if self.critic_step_in_iter < self.critic_iters(self.gen_step):",
@@ -37,12 +34,12 @@ MUTANTS = [
     ("generator never stepped", MODULE, "opt_g.step()", "pass"),
     ("averaged generator never updated", MODULE, "self.generator_ema.update_parameters(self.generator)", "pass"),
     ("averaged BatchNorm statistics never recomputed", MODULE,
-     "update_bn(noise, self.generator_ema.module, device=self.device)", "pass"),
+     "update_bn(noise.split(self.EMA_BN_BATCH), self.generator_ema.module, device=self.device)", "pass"),
 ]
 
 
 def main(pytest_args: list[str]) -> int:
-    args = pytest_args or ["tests/test_module.py", "-x", "-q", "-p", "no:cacheprovider"]
+    args = pytest_args or ["tests/test_module.py", "tests/test_losses.py", "-x", "-q", "-p", "no:cacheprovider"]
     survived = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name, rel, text, replacement in MUTANTS:

@@ -7,13 +7,8 @@ import torch
 
 from wgan_lit.networks import Critic, Generator, MLPCritic, MLPGenerator, pyramid
 
-
-def has_bn(net: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
-
-
-def n_convs(net: torch.nn.Module) -> int:
-    return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in net.modules())
+has_bn = lambda net: any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+n_convs = lambda net: sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in net.modules())
 
 
 @pytest.mark.parametrize("size,channels,base,steps", [(28, 1, 7, 2), (32, 1, 4, 3), (64, 3, 4, 4), (56, 3, 7, 3)])
