@@ -139,11 +139,10 @@ def test_the_callback_scores_its_schedule_builds_once_and_keeps_the_best_by_a_me
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=20, log_every_n_steps=1,
                         logger=CSVLogger(tmp_path, name="csv", version=""), enable_progress_bar=False,
                         callbacks=[GeneratorStepLimit(5), quality, best], enable_model_summary=False)
-    # n_critic=1: the first batch already ends at generator step 1, so step 0 is scored before it
     trainer.fit(WGAN(n_critic=1, log_every_n_gen_steps=100, **TINY), datamodule=RandomImages(n=400, batch_size=8))
     trainer.logger.save()
     rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r["metrics/coverage"]]
-    assert [int(r["step"]) for r in rows] == [0, 2, 4, 5]  # the untrained model, every 2 steps, the final model
+    assert [int(r["step"]) for r in rows] == [0, 2, 4, 5]  # 0 before batch 1 (which ends at step 1), every 2, the end
     assert len(built) == 1  # real statistics once per run
     assert {"metrics/fd_classifier", "metrics/kid", "metrics/coverage", "metrics/brightness"} <= set(
         trainer.callback_metrics)
