@@ -33,7 +33,7 @@ from wgan_lit.data import (
     ImageFolderDataModule,  # noqa: E402
     to_unit_range,  # noqa: E402
 )
-from wgan_lit.image_files import find_images  # noqa: E402
+from wgan_lit.images import find_images  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, width: int = 178, height: int = 218) -> None:
