@@ -1,11 +1,5 @@
-"""Train a WGAN: ``python -m wgan_lit.train [group=option ...] [key=value ...]``.
-
-Hydra composes ``conf/train.yaml`` with the ``model``, ``data``, ``trainer``, ``logger`` and ``experiment``
-groups; everything a run writes (TensorBoard logs, sample grids, checkpoints, the resolved config) goes to
-Hydra's run directory, ``outputs/<date>/<time>/`` unless ``hydra.run.dir`` says otherwise.
-"""
-
-from __future__ import annotations
+"""Train a WGAN: ``python -m wgan_lit.train [group=option ...] [key=value ...]``. Hydra composes conf/train.yaml;
+everything a run writes goes to its run directory, ``outputs/<date>/<time>/`` unless ``hydra.run.dir`` says."""
 
 import dataclasses
 import logging
@@ -31,133 +25,85 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from wgan_lit import cli, fast_path
+from wgan_lit import checkpointing, cli, fast_path
 from wgan_lit.callbacks import OneRunDirError, build_callbacks
-from wgan_lit.checkpointing import AtomicCheckpointIO, CheckpointError, check_resumable
 from wgan_lit.classifier import ClassifierError
 from wgan_lit.config import ConfigError, DataError, TrainConfig, register_configs, validate
 from wgan_lit.data import build_datamodule
 from wgan_lit.module import WGAN, DivergenceError
 
+BAD_INPUT = (ConfigError, DataError, checkpointing.CheckpointError, OneRunDirError, ClassifierError)  # exit 2
+
 log = logging.getLogger("wgan_lit.train")  # not __name__: "__main__" under python -m
 
-
-def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:
+def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:  # one branch per logger.name
     if cfg.logger.name == "tensorboard":
-        return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False)
-    return CSVLogger(save_dir=run_dir, name="csv", version="")
+        return TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
+    return CSVLogger(run_dir, name="csv", version="")
 
 
-def build_model(cfg: TrainConfig, datamodule: L.LightningDataModule) -> WGAN:
-    # The runtime switches are arguments of their own: the module keeps them out of the hyperparameters.
+def build_model(cfg: TrainConfig, datamodule: L.LightningDataModule) -> WGAN:  # runtime: not hyperparameters
     return WGAN(image_size=cfg.data.image_size, channels=datamodule.channels,
                 log_every_n_gen_steps=cfg.logger.log_every_n_gen_steps, cpu_threads=cfg.cpu_threads,
                 **dataclasses.asdict(cfg.runtime), **dataclasses.asdict(cfg.model))
 
 
 def check_before_run(cfg: DictConfig) -> TrainConfig:
-    """Everything that can fail before training, checked without writing: config values, Trainer arguments, the
-    data (found and read), the checkpoint to resume (readable, of these networks). For a single run, before Hydra
-    makes its run directory; :func:`train` checks the data and the checkpoint again as it starts (a sweep job's
-    only check of them), which costs a second read of the data for a single run."""
+    """What can fail before training, checked without writing: the values, the data, the checkpoint to resume."""
     config = validate(cfg)
     datamodule = build_datamodule(config.data)
     datamodule.prepare_data()
     if config.ckpt_path:
         with torch.device("meta"):  # only names and shapes are compared: no memory, no initialisation
-            model = build_model(config, datamodule)
-        check_resumable(config.ckpt_path, model)
+            checkpointing.check_resumable(config.ckpt_path, build_model(config, datamodule))
     return config
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, float]:
-    """Fit one WGAN as configured; everything goes under ``run_dir``. Returns the final logged metrics.
-
-    ``extra_callbacks`` join the run's own (for tests and notebooks that watch a run).
-    """
+    """Fit one WGAN as configured, under ``run_dir``, with ``extra_callbacks`` too; returns the final metrics."""
     run_dir = Path(run_dir)
     datamodule = build_datamodule(cfg.data)
-    datamodule.prepare_data()  # fail on missing or corrupt data before anything is written (read once)
-    # fast_path.probe: precision, threads, layout, compile; a resume: the checkpoint's
-    cfg = fast_path.resolve(cfg, datamodule.channels)
-    if rank_zero_only.rank == 0:  # what checkpoints record as wgan_runtime, said once
+    datamodule.prepare_data()  # missing or corrupt data fails before anything is written
+    cfg = fast_path.resolve(cfg, datamodule.channels)  # the probe's choice; a resume: the checkpoint's
+    if rank_zero_only.rank == 0:  # the runtime record, as checkpoints keep it (wgan_runtime)
         log.info("Runtime: trainer.precision=%s cpu_threads=%d %s", cfg.trainer.get("precision") or "32-true",
                  cfg.cpu_threads, " ".join(f"runtime.{k}={v}" for k, v in dataclasses.asdict(cfg.runtime).items()))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-
     model = build_model(cfg, datamodule)
     if cfg.ckpt_path:  # a missing, corrupt or mismatched checkpoint fails here, before training starts
-        check_resumable(cfg.ckpt_path, model)
-    trainer = L.Trainer(
-        **{k: v for k, v in cfg.trainer.items() if k != "max_time"},  # its Timer is among the callbacks
-        logger=build_logger(cfg, run_dir),
-        callbacks=build_callbacks(cfg, run_dir, datamodule, extra_callbacks),
-        default_root_dir=run_dir,
-        plugins=[AtomicCheckpointIO()],
-    )
+        checkpointing.check_resumable(cfg.ckpt_path, model)
+    trainer = L.Trainer(**{k: v for k, v in cfg.trainer.items() if k not in ("max_time", "enable_progress_bar")},
+                        enable_progress_bar=False,  # both are callbacks of ours
+                        logger=build_logger(cfg, run_dir), default_root_dir=run_dir,
+                        plugins=[checkpointing.AtomicCheckpointIO()],
+                        callbacks=build_callbacks(cfg, run_dir, datamodule, extra_callbacks))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def resume_command(run_dir: str | Path, ckpt: str | Path) -> str:
-    """The command line that continues this run: its own overrides, then the checkpoint and the run dir."""
-    overrides = [o for o in HydraConfig.get().overrides.task
-                 if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
-    return " ".join(["python -m wgan_lit.train", *map(shlex.quote, overrides),
-                     shlex.quote(f"ckpt_path={ckpt}"), shlex.quote(f"hydra.run.dir={run_dir}")])
-
-
-def _last_checkpoint(run_dir: str | Path) -> tuple[Path, int] | None:
-    """The run's last.ckpt and its generator step, if it has one."""
+def resume_note(run_dir: str | Path, saved: str, unsaved: str) -> str:
+    """``saved`` with the run's last.ckpt as {last}, its {step} and the {command} resuming it; else ``unsaved``."""
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not last.is_file():
-        return None
-    return last, torch.load(last, map_location="cpu", weights_only=True)["wgan_counters"]["gen_step"]
-
-
-def interrupted_message(run_dir: str | Path) -> str:
-    if (found := _last_checkpoint(run_dir)) is None:
-        return "Interrupted before any checkpoint was written; nothing to resume."
-    last, step = found
-    return (f"Interrupted: saved {last} at generator step {step}.\n"
-            f"Resume with:\n  {resume_command(run_dir, last)}")
-
-
-def last_checkpoint_note(run_dir: str | Path) -> str:
-    if (found := _last_checkpoint(run_dir)) is None:
-        return "No checkpoint had been written yet."
-    last, step = found
-    return (f"Last good checkpoint: {last} (generator step {step}). To go on from it:\n  "
-            f"{resume_command(run_dir, last)} model.lr_d=... model.lr_g=...")
-
-
-# What torch.distributed raises in a collective (the all-reduce of a DDP backward, a barrier, a gather) once another
-# process of the run is gone: gloo's RuntimeError for the socket the dead process's kernel closed.
-_PEER_GONE = ("connection reset by peer", "connection closed by peer")
+        return unsaved
+    step = torch.load(last, map_location="cpu", weights_only=True)["wgan_counters"]["gen_step"]
+    overrides = [o for o in HydraConfig.get().overrides.task
+                 if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
+    line = shlex.join(["python", "-m", "wgan_lit.train", *overrides, f"ckpt_path={last}", f"hydra.run.dir={run_dir}"])
+    return saved.format(last=last, step=step, command=line)
 
 
 def lost_process_reason(err: BaseException) -> str | None:
-    """torch.distributed's words for a process of the run that died, if ``err`` is that error."""
-    if not isinstance(err, RuntimeError):
-        return None
-    return next((f"torch.distributed: {words}" for words in _PEER_GONE if words in str(err).lower()), None)
-
-
-def lost_process_message(run_dir: str | Path, reason: str) -> str:
-    head = f"Error: a process of this distributed run died ({reason}); the run stopped."
-    if (found := _last_checkpoint(run_dir)) is None:
-        return f"{head}\nNo checkpoint had been written yet; nothing to resume."
-    last, step = found
-    return f"{head}\nLast checkpoint: {last} (generator step {step}). Resume with:\n  {resume_command(run_dir, last)}"
+    """gloo's words in a collective's RuntimeError once another process of the run is gone, if ``err`` is that."""
+    words = [w for w in ("connection reset by peer", "connection closed by peer") if w in str(err).lower()]
+    return f"torch.distributed: {words[0]}" if words and isinstance(err, RuntimeError) else None
 
 
 class LostProcessReport(logging.Filter):
-    """Says :func:`lost_process_message` once, whoever learns of the death first: ``_main``, from the error of a
-    collective, or Lightning's launcher on rank 0. The launcher polls its child processes every 5 s and, finding
-    one killed, logs a line and then SIGKILLs this process, which can be before the error has reached ``_main``;
-    as a filter of that line, this says the message first, in its place."""
+    """Says once that a process of the run died, whoever learns it first: ``_main``, from a collective's error, or
+    (as a filter of its log line) Lightning's launcher on rank 0, which SIGKILLs this process right after."""
 
     LAUNCHER_LOG = "lightning.fabric.strategies.launchers.subprocess_script"
 
@@ -166,65 +112,46 @@ class LostProcessReport(logging.Filter):
         self.run_dir, self.said, self._lock = run_dir, False, threading.Lock()
 
     def say(self, reason: str) -> None:
-        with self._lock:  # the launcher's thread waits for this one's message, and the other way round
+        with self._lock:  # the launcher's thread and the main one
             if not self.said:
-                log.error(lost_process_message(self.run_dir, reason))
                 self.said = True
+                log.error(f"Error: a process of this distributed run died ({reason}); the run stopped.\n" + resume_note(
+                    self.run_dir, "Last checkpoint: {last} (generator step {step}). Resume with:\n  {command}",
+                    "No checkpoint had been written yet; nothing to resume."))
 
     def filter(self, record: logging.LogRecord) -> bool:
         killed = re.search(r"Child process with PID \d+ terminated with code -(\d+)", record.getMessage())
-        if killed is None:  # a child that exited with an error said so itself
-            return True
-        self.say(f"a child process was killed by signal {killed[1]}")
-        return False  # said instead
-
-
-def relaunch_ranks_as_this_job() -> None:
-    """Under ``-m``, make Lightning's re-run of the command line this job alone, in this job's directory."""
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return  # a single run: Lightning already re-runs it with hydra.run.dir = this run's directory
-    # The job's own overrides (sweep lists already split into this job's values), without -m.
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
-    # Lightning appends hydra.run.dir=<run.dir>; under -m that must be the job's sweep subdirectory.
-    with read_write(hydra_cfg):
-        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
-
-
-# What Lightning's subprocess launcher puts in rank 0's environment (lightning.fabric...subprocess_script).
-_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+        if killed:  # not a child that exited with an error: that one said so itself
+            self.say(f"a child process was killed by signal {killed[1]}")
+        return killed is None  # said instead
 
 
 @contextmanager
 def ddp_job() -> Iterator[None]:
-    """Scope of one Hydra job that may start DDP: ranks > 0 re-run this job alone, and the job leaves no
-    process group or launcher variables behind for the next job of a sweep (which then launches its own)."""
-    relaunch_ranks_as_this_job()
-    env_before = {k: os.environ.get(k) for k in _LAUNCHER_ENV}
+    """One Hydra job that may start DDP: under ``-m`` ranks > 0 re-run this job alone, in its directory; it leaves
+    no process group or environment variables (the launcher's MASTER_PORT, ...) to the next job of a sweep."""
+    if HydraConfig.initialized() and (hydra_cfg := HydraConfig.get()).mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]  # this job's values, without -m
+        with read_write(hydra_cfg):  # Lightning passes hydra.run.dir=<run.dir> on: the job's subdirectory
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    env_before = dict(os.environ)
     had_group = dist.is_available() and dist.is_initialized()  # a group from before this job is not ours
     try:
         yield
     finally:
         if not had_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        for key, value in env_before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        for key in os.environ.keys() - env_before.keys():
+            del os.environ[key]
+        os.environ.update(env_before)
 
 
 class SweepJobError(CompactHydraException):
-    """A job of a ``-m`` sweep that cannot train (a bad value, missing data, a divergence): it fails alone and the
-    sweep goes on. Hydra marks its ``JobReturn`` FAILED and, once every job of the sweep has run, prints this one
-    line after "Error executing job with overrides: [...]" (no traceback: a CompactHydraException) and exits 1."""
+    """A ``-m`` job that cannot train fails alone: Hydra prints this line (no traceback) after the sweep, exit 1."""
 
 
 def _job_failed(message: str, exit_code: int) -> NoReturn:
-    """Say ``Error: message`` and end this job: a single run exits with ``exit_code``; a sweep job raises, because
-    a SystemExit would end the whole sweep (Hydra's launcher catches Exception only)."""
+    """Say ``Error: message``; a single run exits, a sweep job raises (a SystemExit would end the whole sweep)."""
     log.error("Error: %s", message)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise SweepJobError(f"Error: {message}")
@@ -237,26 +164,25 @@ register_configs()
 @hydra.main(version_base="1.3", config_path=cli.CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     _log_to_the_run()
-    try:  # a single run was checked whole by main(); a sweep job is checked here, as it starts
-        config = validate(cfg)
-    except ConfigError as err:
-        _job_failed(str(err), 2)
-    log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     run_dir = HydraConfig.get().runtime.output_dir
-    lost = LostProcessReport(run_dir)
-    launcher_log = logging.getLogger(LostProcessReport.LAUNCHER_LOG)
+    lost, launcher_log = LostProcessReport(run_dir), logging.getLogger(LostProcessReport.LAUNCHER_LOG)
     launcher_log.addFilter(lost)
     try:
-        with ddp_job():  # DDP ranks > 0 re-run this job, not the whole sweep
-            metrics = train(config, run_dir)
-    except (DataError, CheckpointError, OneRunDirError, ClassifierError) as err:
+        checked = validate(cfg)  # a single run was checked whole by main(); a sweep job is checked as it starts
+        log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+        with ddp_job():
+            metrics = train(checked, run_dir)
+    except BAD_INPUT as err:
         _job_failed(str(err), 2)
     except SIGTERMException as stop:  # Ctrl-C or SIGTERM: LastCheckpoint saved the batch it stopped at
         if rank_zero_only.rank == 0:  # every DDP rank stops here; one says how to go on
-            log.warning(interrupted_message(run_dir))
+            log.warning(resume_note(run_dir, "Interrupted: saved {last} at generator step {step}.\nResume with:\n"
+                                    "  {command}", "Interrupted before any checkpoint was written; nothing to resume."))
         sys.exit(stop.code)
     except DivergenceError as err:
-        _job_failed(f"{err}\n{last_checkpoint_note(run_dir)}", 1)
+        _job_failed(f"{err}\n" + resume_note(run_dir, "Last good checkpoint: {last} (generator step {step}). To go "
+                                             "on from it:\n  {command} model.lr_d=... model.lr_g=...",
+                                             "No checkpoint had been written yet."), 1)
     except RuntimeError as err:
         if (reason := lost_process_reason(err)) is None:
             raise
@@ -266,24 +192,20 @@ def _main(cfg: DictConfig) -> float | None:
         if not lost.said:  # once said, it keeps the launcher's line of the same death out until the exit
             launcher_log.removeFilter(lost)
     log.info("Run directory: %s", run_dir)
-    return metrics.get("W")
+    return metrics.get("W")  # the task's return value: a sweeper's objective
 
 
 def _log_to_the_run() -> None:
-    """Lightning's messages and Python warnings through Hydra's handlers: the console and <run>/train.log.
-    (Lightning gives its loggers a console handler of their own when imported, before Hydra sets logging up.)"""
+    """Lightning's messages (it gave its loggers handlers of their own) and warnings to the console and train.log."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics"):
-        lightning = logging.getLogger(name)
-        for handler in list(lightning.handlers):
-            lightning.removeHandler(handler)
-        lightning.propagate = True
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     logging.captureWarnings(True)
 
 
 def main() -> None:
-    """``python -m wgan_lit.train``: the command line is checked before Hydra runs (a single run whole, a sweep's
-    composition); each job of a sweep checks its values as it starts."""
-    cli.check_train_command_line(sys.argv[1:], check_before_run, (ConfigError, DataError, CheckpointError))
+    """``python -m wgan_lit.train``: a single run is checked whole before Hydra runs; sweep jobs as they start."""
+    cli.check_train_command_line(sys.argv[1:], check_before_run, BAD_INPUT)
     _main()
 
 
