@@ -1,16 +1,14 @@
-"""``python tests/ddp_probe.py [overrides]``: the real command line plus a callback that reports what each rank saw.
-
-Every rank (Lightning re-runs this file for ranks > 0) writes ``<run dir>/probe/rank<R>-from<start step>.json``: the
-dataset indices of every batch it was served, a fingerprint of every batch it trained on, a hash of the weights after
-every generator step, a peek at its next noise, its sampler, step counters and the batch it started at.
-``PROBE_EVENT=R:SIGTERM:N`` (or SIGKILL): rank R signals itself as its N-th batch starts; ``R:NaN:N``: rank R's
-batches are NaN from its N-th on.
-"""
+"""``python tests/ddp_probe.py [overrides]``: the real command line, and each rank (Lightning re-runs this file for
+ranks > 0) writes ``<run dir>/probe/rank<R>-from<start step>.json``: the dataset indices of every batch it was served,
+a fingerprint of each it trained on, a hash of the weights after each generator step, a peek at its next noise, its
+sampler and counters. ``PROBE_EVENT=R:SIGTERM:N`` (or SIGKILL): rank R signals itself as its N-th batch starts;
+``R:NaN:N``: its batches are NaN from the N-th on; ``R:...:N:WORD``: only in the job whose command line holds WORD."""
 
 import hashlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,6 @@ import wgan_lit.train as cli
 SERVED: list[list[int]] = []  # the dataset indices of each batch this process was served (num_workers=0), in order
 real_getitems = data.InMemoryImages.__getitems__
 data.InMemoryImages.__getitems__ = lambda self, idx: SERVED.append([int(i) for i in idx]) or real_getitems(self, idx)
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(module.named_parameters()):
-        h.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class Probe(L.Callback):
@@ -48,8 +39,8 @@ class Probe(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: torch.Tensor, batch_idx: int) -> None:
         # Images are distinct, so the sorted pixel sums of a batch identify which images it holds.
         self.report["batches"].append(sorted(batch.flatten(1).sum(1).round(decimals=3).tolist()))
-        rank, event, at = os.environ.get("PROBE_EVENT", "-:-:0").split(":")
-        if rank == str(trainer.global_rank) and len(self.report["batches"]) >= int(at):
+        rank, event, at, *words = os.environ.get("PROBE_EVENT", "-:-:0").split(":")
+        if rank == str(trainer.global_rank) and len(self.report["batches"]) >= int(at) and set(words) <= set(sys.argv):
             if event == "NaN":
                 batch.fill_(float("nan"))  # the batch training_step gets
             elif len(self.report["batches"]) == int(at):
@@ -57,7 +48,8 @@ class Probe(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *_: Any) -> None:
         if pl_module.critic_step_in_iter == 0:  # a generator step ended: every weight, bit for bit
-            self.report["weights"][pl_module.gen_step] = weights_hash(pl_module)
+            weights = b"".join(p.detach().cpu().numpy().tobytes() for _, p in sorted(pl_module.named_parameters()))
+            self.report["weights"][pl_module.gen_step] = hashlib.sha256(weights).hexdigest()
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)  # an interrupted run reports what it trained on, too

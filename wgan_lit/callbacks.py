@@ -37,13 +37,12 @@ log = logging.getLogger(__name__)
 def build_callbacks(cfg: TrainConfig, run_dir: Path, datamodule: L.LightningDataModule,
                     extra: Sequence[L.Callback] = ()) -> list[L.Callback]:
     """The run's callbacks in the order they must run (tests/test_callbacks.py checks it)."""
-    ckpt_dir, tr, lg = run_dir / "checkpoints", cfg.trainer, cfg.logger
+    ckpt_dir, tr, every = run_dir / "checkpoints", cfg.trainer, cfg.logger.sample_every_n_gen_steps
     callbacks: list[L.Callback] = [ResumeState(cfg.seed, run_dir)]
-    callbacks += [SampleGrid(run_dir / "samples", lg.sample_every_n_gen_steps, lg.timelapse)] * (
-        lg.sample_every_n_gen_steps > 0)
+    callbacks += [SampleGrid(run_dir / "samples", every, cfg.logger.timelapse)] if every > 0 else []
     callbacks += [GeneratorStepLimit(cfg.max_gen_steps)] if cfg.max_gen_steps > 0 else []
-    # Our own Timer for trainer.max_time (Lightning would append its own after ours). After the stops, the scoring:
-    # its last round sees their should_stop and scores the final model.
+    # trainer.max_time: our own Timer here (Lightning would append its own after ours). After the stops, the
+    # scoring: its last round sees their should_stop and scores the final model.
     callbacks += [Timer(tr["max_time"], interval="step")] if tr.get("max_time") else []
     callbacks += sample_quality_callbacks(cfg.metrics, cfg.data, ckpt_dir, datamodule)
     if tr.get("enable_checkpointing", True):
@@ -51,28 +50,15 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, datamodule: L.LightningData
     return [*callbacks, *extra, RunReport(cfg, run_dir, tr.get("enable_progress_bar", True))]
 
 
-def binding_bound(trainer: L.Trainer, module: WGAN, max_gen_steps: int) -> tuple[int | None, str]:
-    """(generator steps at which the run ends, which bound that is); None when only time bounds it."""
-    bounds = [(max_gen_steps, f"max_gen_steps={max_gen_steps}")] if max_gen_steps > 0 else []
-    if (epochs := trainer.max_epochs) is not None and epochs > 0:
-        bounds.append((epochs * _per_epoch(trainer, module), f"trainer.max_epochs={epochs}"))
-    return min(bounds) if bounds else (None, "")
-
-
-def _per_epoch(trainer: L.Trainer, module: WGAN) -> int:  # generator steps
-    return max(1, int(trainer.num_training_batches) // module.hparams.n_critic)
-
-
 def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
 
 class RunReport(L.Callback):
-    """What the run says, on rank 0. At the start, one block: where it runs, on what, how long, where the outputs go.
-    Then, with ``progress``, generator steps to the bound that ends the run, the rate and the time left: a bar in a
-    terminal, else a log line every 10% of the run (every 500 steps when only time bounds it). At the end, the config
-    (flat: ``model/clip_value``, ...) and every final metric (``final/<name>``) in TensorBoard's HParams view, so a
-    sweep compares in one table: the last callback, it sees every metric logged."""
+    """What the run says, on rank 0. At the start, where it runs, on what, how long, where the outputs go; with
+    ``progress``, generator steps to the bound that ends it, the rate and the time left: a bar in a terminal, else a
+    log line every 10% (every 500 steps when only time bounds it). At the end, the config (flat: ``model/clip_value``)
+    and every final metric (``final/<name>``) in TensorBoard's HParams view: the last callback, it sees them all."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, progress: bool = True, interactive: bool | None = None) -> None:
         self.cfg, self.run_dir, self.progress, self.bar = cfg, run_dir, progress, None
@@ -82,19 +68,24 @@ class RunReport(L.Callback):
         if not trainer.is_global_zero:
             return
         cfg, hp, step, max_time = self.cfg, pl_module.hparams, pl_module.gen_step, self.cfg.trainer.get("max_time")
-        self.total, bound = binding_bound(trainer, pl_module, cfg.max_gen_steps)
-        ends = [f"{bound} ({self.total} generator steps)"] * bool(self.total) + [f"trainer.max_time={max_time}"] * bool(
+        per_epoch, size = max(1, int(trainer.num_training_batches) // hp.n_critic), cfg.data.image_size
+        bounds = [(cfg.max_gen_steps, f"max_gen_steps={cfg.max_gen_steps}")] if cfg.max_gen_steps > 0 else []
+        if (epochs := trainer.max_epochs) is not None and epochs > 0:
+            bounds.append((epochs * per_epoch, f"trainer.max_epochs={epochs}"))
+        self.total, bound = min(bounds) if bounds else (None, "")  # the bound that ends the run first
+        ends = [f"{bound} ({self.total} generator steps)"] * bool(bounds) + [f"trainer.max_time={max_time}"] * bool(
             max_time)
-        images, size = getattr(trainer.datamodule, "images", None), cfg.data.image_size
-        lines = [f"device      {trainer.strategy.root_device} x {trainer.world_size} process(es), precision "
-                 f"{trainer.precision}, {torch.get_num_threads()} CPU thread(s)",
-                 f"data        {cfg.data.name} ({cfg.data.split}): {'?' if images is None else len(images)} images of "
-                 f"{hp.channels} x {size} x {size}, batch {cfg.data.batch_size} per process",
-                 f"epoch       {trainer.num_training_batches} batches = {_per_epoch(trainer, pl_module)} generator "
-                 f"steps (n_critic={hp.n_critic})", f"resumed at  generator step {step}" * bool(step),
-                 f"ends at     {' or '.join(ends) or 'no bound: stop it with Ctrl-C'}"
-                 + ", whichever comes first" * (len(ends) > 1), f"outputs     {self.run_dir}"]
-        log.info("Training:\n  %s", "\n  ".join(line for line in lines if line))
+        images = getattr(trainer.datamodule, "images", None)
+        rows = {"device": f"{trainer.strategy.root_device} x {trainer.world_size} process(es), precision "
+                          f"{trainer.precision}, {torch.get_num_threads()} CPU thread(s)",
+                "data": f"{cfg.data.name} ({cfg.data.split}): {'?' if images is None else len(images)} images of "
+                        f"{hp.channels} x {size} x {size}, batch {cfg.data.batch_size} per process",
+                "epoch": f"{trainer.num_training_batches} batches = {per_epoch} generator steps "
+                         f"(n_critic={hp.n_critic})",
+                "resumed at": f"generator step {step}" * bool(step),
+                "ends at": " or ".join(ends) + ", whichever comes first" * (len(ends) > 1) or "no bound: stop it with "
+                           "Ctrl-C", "outputs": str(self.run_dir)}
+        log.info("Training:\n  %s", "\n  ".join(f"{k:<12}{v}" for k, v in rows.items() if v))
         self._start, self.every = (time.monotonic(), step), max(1, (self.total or 5000) // 10)
         self._next_line, self._timer = step + self.every, next((c for c in trainer.callbacks if isinstance(c, Timer)),
                                                                 None)
@@ -111,6 +102,17 @@ class RunReport(L.Callback):
             self._next_line = step + self.every
             log.info(self.progress_line(step))
 
+    def _time_left(self) -> dict[str, str]:  # what trainer.max_time leaves (its Timer counts a resumed run's too)
+        left = self._timer and self._timer.time_remaining()
+        return {} if left is None else {"time left": _clock(left)}
+
+    def progress_line(self, step: int) -> str:
+        elapsed, total = time.monotonic() - self._start[0], self.total
+        rate = (step - self._start[1]) / elapsed if elapsed > 0 else 0.0
+        line = f"generator step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if total else "")
+        line += f", {rate:.2f} steps/s" + (f", about {_clock((total - step) / rate)} left" if total and rate else "")
+        return line + "".join(f", {k} {v}" for k, v in self._time_left().items())
+
     def on_exception(self, *_: Any) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -122,17 +124,6 @@ class RunReport(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # rank 0 only: log_hyperparams is rank_zero_only
                 logger.log_hyperparams(dataclasses.asdict(self.cfg), metrics=metrics, step=pl_module.gen_step)
-
-    def _time_left(self) -> dict[str, str]:  # what trainer.max_time leaves (its Timer counts a resumed run's too)
-        left = self._timer and self._timer.time_remaining()
-        return {} if left is None else {"time left": _clock(left)}
-
-    def progress_line(self, step: int) -> str:
-        elapsed, total = time.monotonic() - self._start[0], self.total
-        rate = (step - self._start[1]) / elapsed if elapsed > 0 else 0.0
-        line = f"generator step {step}" + (f"/{total} ({100 * step / total:.0f}%)" if total else "")
-        line += f", {rate:.2f} steps/s" + (f", about {_clock((total - step) / rate)} left" if total and rate else "")
-        return line + "".join(f", {k} {v}" for k, v in self._time_left().items())
 
 
 class SampleGrid(L.Callback):
@@ -149,7 +140,7 @@ class SampleGrid(L.Callback):
         grid = make_grid(images, nrow=max(1, int(len(images) ** 0.5)), normalize=True, value_range=(-1, 1))
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, self.dirpath / f"gen_{step:06d}.png")
-        for tensorboard in _tensorboards(trainer):
+        for tensorboard in self._tensorboards(trainer):
             tensorboard.add_image("samples", grid.clamp(0, 1), global_step=step)
 
     on_train_start = _render  # the untrained generator: the first frame of the timelapse
@@ -163,12 +154,12 @@ class SampleGrid(L.Callback):
         if self.timelapse and trainer.is_global_zero:
             gif, _ = build_gif(self.dirpath.parent)
             (self.dirpath.parent / "timelapse.gif").write_bytes(gif)
-            for tensorboard in _tensorboards(trainer):
+            for tensorboard in self._tensorboards(trainer):
                 write_gif_to_tensorboard(gif, step=pl_module.gen_step, writer=tensorboard)
 
-
-def _tensorboards(trainer: L.Trainer) -> list[Any]:  # the SummaryWriters of the run's TensorBoard loggers
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    @staticmethod
+    def _tensorboards(trainer: L.Trainer) -> list[Any]:  # the SummaryWriters of the run's TensorBoard loggers
+        return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
 class GeneratorStepLimit(L.Callback):
@@ -183,9 +174,9 @@ class GeneratorStepLimit(L.Callback):
 
 class LastCheckpoint(Checkpoint):
     """``last.ckpt`` every N generator steps, at each epoch end, at the stop and on a signal; ``epochNNN-genM.ckpt``
-    at every k-th epoch end. All at a batch end, after every other callback (an epoch end's file loses the loader's
-    position). The first SIGINT/SIGTERM finishes the batch, saves and stops; a second Ctrl-C stops at once. Our own
-    handlers: Lightning's stop mid-step, and under DDP each rank at its own batch (a SIGTERM to one rank hung)."""
+    at every k-th epoch end; all at a batch end, after every other callback (an epoch end's file would lose the
+    loader's position). The first SIGINT/SIGTERM finishes the batch, saves and stops, a second Ctrl-C at once: our
+    own handlers, as Lightning's stop mid-step and, under DDP, each rank at its own batch (one rank's SIGTERM hung)."""
 
     def __init__(self, dirpath: str | Path, every_n_gen_steps: int = 0, every_n_epochs: int = 1) -> None:
         self.dirpath, self.every, self.every_n_epochs = Path(dirpath), every_n_gen_steps, every_n_epochs
@@ -233,11 +224,15 @@ class LastCheckpoint(Checkpoint):
     on_exception = on_train_end
 
 
+class OneRunDirError(RuntimeError):
+    """The ranks of one distributed run resolved different run directories."""
+
+
 class ResumeState(L.Callback):
     """What every checkpoint needs beyond Lightning's: every rank's RNG states (they draw the noise; gathered for
-    rank 0 to write, put back rank by rank), and no NaN/inf (a diverged run writes no file). A fresh DDP run seeds
+    rank 0 to write, put back rank by rank) and finite weights (a diverged run writes no file). A fresh DDP run seeds
     each rank from (seed, rank); a resume takes its learning rates from the config. At setup, the ranks must share
-    one run directory: torchrun or srun ranks each resolve ``${now:...}`` in ``hydra.run.dir`` themselves."""
+    one run directory (ranks that torchrun or srun start each resolve ``${now:...}`` in ``hydra.run.dir``)."""
 
     def __init__(self, seed: int, run_dir: str | Path = "") -> None:
         self.seed, self.run_dir, self._to_restore = seed, str(Path(run_dir).resolve()), None
@@ -255,8 +250,7 @@ class ResumeState(L.Callback):
         if "numpy" in states:  # a tensor instead of an ndarray: torch.load(weights_only=True) accepts it
             name, keys, pos, has_gauss, cached = states["numpy"]
             states["numpy"] = (name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached))
-        buf = io.BytesIO()  # as torch.save bytes: all_gather_object cannot unpickle tensors itself
-        torch.save(states, buf)
+        torch.save(states, buf := io.BytesIO())  # as bytes: all_gather_object cannot unpickle tensors itself
         ranks = _gather(trainer, buf.getvalue())
         checkpoint["rng_states"] = [torch.load(io.BytesIO(b), weights_only=True) for b in ranks]
         if isinstance(pl_module, WGAN):
@@ -273,7 +267,15 @@ class ResumeState(L.Callback):
                     group["lr"] = lr
         # Now, after Lightning has fetched the first batch and before any noise is drawn: it goes on exactly.
         if ranks is not None and len(ranks) == trainer.world_size:
-            return _restore(dict(ranks[trainer.global_rank]))
+            states = dict(ranks[trainer.global_rank])
+            if (cuda := states.pop("torch.cuda", None)) and torch.cuda.device_count() == len(cuda):
+                states["torch.cuda"] = cuda
+            elif cuda:
+                rank_zero_warn("The checkpoint's CUDA RNG states do not fit this machine's GPUs; not restored.")
+            if "numpy" in states:
+                name, keys, pos, has_gauss, cached = states["numpy"]
+                states["numpy"] = (name, keys.numpy(), pos, has_gauss, cached)
+            return _set_rng_states(states)
         if ranks is not None:
             rank_zero_warn(f"The checkpoint holds the RNG states of {len(ranks)} processes, this run has "
                            f"{trainer.world_size}: the noise is reseeded, so the run will not repeat exactly.")
@@ -290,19 +292,3 @@ def _gather(trainer: L.Trainer, obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def _restore(states: dict[str, Any]) -> None:
-    cuda = states.pop("torch.cuda", None)
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        states["torch.cuda"] = cuda
-    elif cuda:
-        rank_zero_warn("The checkpoint's CUDA RNG states do not fit this machine's GPUs; not restored.")
-    if "numpy" in states:
-        name, keys, pos, has_gauss, cached = states["numpy"]
-        states["numpy"] = (name, keys.numpy(), pos, has_gauss, cached)
-    _set_rng_states(states)
-
-
-class OneRunDirError(RuntimeError):
-    """The ranks of one distributed run resolved different run directories."""

@@ -3,6 +3,7 @@ everything a run writes goes to its run directory, ``outputs/<date>/<time>/`` un
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import shlex
@@ -11,7 +12,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 import lightning as L
@@ -30,6 +30,7 @@ from wgan_lit.callbacks import OneRunDirError, build_callbacks
 from wgan_lit.classifier import ClassifierError
 from wgan_lit.config import ConfigError, DataError, TrainConfig, register_configs, validate
 from wgan_lit.data import build_datamodule
+from wgan_lit.losses import LOSSES
 from wgan_lit.module import WGAN, DivergenceError
 
 BAD_INPUT = (ConfigError, DataError, checkpointing.CheckpointError, OneRunDirError, ClassifierError)  # exit 2
@@ -81,6 +82,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, extra_callbacks: Sequence[L.Cal
                         callbacks=build_callbacks(cfg, run_dir, datamodule, extra_callbacks))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path or None)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def objective_value(cfg: TrainConfig, metrics: dict[str, float]) -> tuple[str, float | None]:
+    """(name, final value) of ``cfg.objective`` in train()'s metrics; one the run did not compute (metrics off) falls
+    back to the loss's critic estimate (W); None (a failed trial) when that is missing or NaN too."""
+    name = f"metrics/{cfg.objective}" if f"metrics/{cfg.objective}" in metrics else LOSSES[cfg.model.loss].short
+    return name, None if math.isnan(value := metrics.get(name, math.nan)) else value
 
 
 def resume_note(run_dir: str | Path, saved: str, unsaved: str) -> str:
@@ -150,9 +158,17 @@ class SweepJobError(CompactHydraException):
     """A ``-m`` job that cannot train fails alone: Hydra prints this line (no traceback) after the sweep, exit 1."""
 
 
-def _job_failed(message: str, exit_code: int) -> NoReturn:
-    """Say ``Error: message``; a single run exits, a sweep job raises (a SystemExit would end the whole sweep)."""
+def _optuna_trial() -> bool:
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweeper._target_.endswith(".OptunaSweeper")
+
+
+def _job_failed(message: str, exit_code: int) -> None:
+    """Say ``Error: message``; an Optuna trial returns None, a failed trial (with optuna 2.10 and hydra-optuna-sweeper
+    1.3, NaN ends the sweep), another sweep job raises (a SystemExit would end the whole sweep), a single run exits."""
     log.error("Error: %s", message)
+    if _optuna_trial():
+        return None
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         raise SweepJobError(f"Error: {message}")
     sys.exit(exit_code)
@@ -173,26 +189,30 @@ def _main(cfg: DictConfig) -> float | None:
         with ddp_job():
             metrics = train(checked, run_dir)
     except BAD_INPUT as err:
-        _job_failed(str(err), 2)
+        return _job_failed(str(err), 2)
     except SIGTERMException as stop:  # Ctrl-C or SIGTERM: LastCheckpoint saved the batch it stopped at
         if rank_zero_only.rank == 0:  # every DDP rank stops here; one says how to go on
             log.warning(resume_note(run_dir, "Interrupted: saved {last} at generator step {step}.\nResume with:\n"
                                     "  {command}", "Interrupted before any checkpoint was written; nothing to resume."))
         sys.exit(stop.code)
     except DivergenceError as err:
-        _job_failed(f"{err}\n" + resume_note(run_dir, "Last good checkpoint: {last} (generator step {step}). To go "
-                                             "on from it:\n  {command} model.lr_d=... model.lr_g=...",
-                                             "No checkpoint had been written yet."), 1)
-    except RuntimeError as err:
-        if (reason := lost_process_reason(err)) is None:
+        return _job_failed(f"{err}\n" + resume_note(run_dir, "Last good checkpoint: {last} (generator step {step}). "
+                                                    "To go on from it:\n  {command} model.lr_d=... model.lr_g=...",
+                                                    "No checkpoint had been written yet."), 1)
+    except Exception as err:
+        if reason := lost_process_reason(err):
+            lost.say(reason)  # by every process left: the dead one may be rank 0
+            sys.exit(1)
+        if not _optuna_trial():
             raise
-        lost.say(reason)  # by every process left: the dead one may be rank 0
-        sys.exit(1)
+        return _job_failed(f"{type(err).__name__}: {err}", 1)  # any other failure of a trial: a failed trial
     finally:
         if not lost.said:  # once said, it keeps the launcher's line of the same death out until the exit
             launcher_log.removeFilter(lost)
     log.info("Run directory: %s", run_dir)
-    return metrics.get("W")  # the task's return value: a sweeper's objective
+    name, value = objective_value(checked, metrics)
+    log.info("Objective (minimised): %s=%r", name, value)
+    return value  # the task's return value: what hydra/sweeper=optuna minimises
 
 
 def _log_to_the_run() -> None:
