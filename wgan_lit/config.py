@@ -4,7 +4,7 @@ types and keys as it composes; :func:`validate` the values. ``trainer`` is open:
 from __future__ import annotations
 
 import difflib
-import importlib
+import importlib.util
 import operator
 import os
 import typing
@@ -100,10 +100,13 @@ class DataConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = rule("tensorboard", one_of=("tensorboard", "csv"))
+    name: str = rule("tensorboard", one_of=("tensorboard", "csv", "mlflow", "wandb"))  # conf/logger/*.yaml
     log_every_n_gen_steps: int = rule(10, ge=1)  # scalars, x axis = generator steps
     sample_every_n_gen_steps: int = rule(100, ge=0, note=" (0 = off)")  # image grid of the fixed noise batch
     timelapse: bool = True  # at the end of a run: samples/gen_*.png -> timelapse.gif (+ TensorBoard)
+    experiment: str = "wgan_lit"  # MLflow's experiment, W&B's project
+    tracking_uri: str = rule("", read_with={"name": "mlflow"})  # "" = sqlite:///<run dir>/mlflow/mlflow.db
+    online: bool = rule(False, read_with={"name": "wandb"})  # W&B: sync to its server (else offline run files)
 
 
 @dataclass
@@ -140,6 +143,9 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     max_gen_steps: int = -1  # stop after this many generator updates; -1 = bound by trainer.max_epochs only
+    objective: str = rule("fd_classifier", one_of=lambda: [  # the task's return, minimised by hydra/sweeper=optuna
+        *(name for name, m in registry("metrics", "METRICS").items() if m.better == "min"),  # its final metrics/<name>
+        *(o.short for o in registry("losses", "LOSSES").values())])  # or, metrics off, the loss's final W (or JS)
     checkpoint_every_n_epochs: int = rule(1, ge=1)  # periodic checkpoints; last.ckpt is always kept
     checkpoint_every_n_gen_steps: int = rule(500, ge=0, note=" (0 = off)")  # also rewrite last.ckpt this often
     ckpt_path: str = ""  # resume exactly from this checkpoint (e.g. <run>/checkpoints/last.ckpt)
@@ -192,6 +198,8 @@ def _rules(c: TrainConfig) -> list[Rule]:
                   ("runtime.compile", c.runtime.compile, RuntimeConfig.compile))
     return [
         *declared_rules(c),
+        ("logger.name", c.logger.name, c.logger.name in ("tensorboard", "csv") or importlib.util.find_spec(
+            c.logger.name) is not None, f'its library installed: pip install "wgan_lit[{c.logger.name}]"'),
         ("model.clip_value", m.clip_value, not (objective and objective.needs_lipschitz) or m.clip_value or penalty,
          "> 0, or model.gp_weight > 0: the Wasserstein critic needs a Lipschitz constraint (model=wgan_gp)"),
         ("model.critic_batchnorm", m.critic_batchnorm, not (penalty and m.critic_batchnorm and m.critic == "dcgan"),
@@ -216,7 +224,7 @@ def _rules(c: TrainConfig) -> list[Rule]:
 
 
 # Trainer arguments wgan_lit sets itself, and where a user changes what they control.
-TRAINER_OWN = {"logger": "the logger group (logger=tensorboard or logger=csv)",
+TRAINER_OWN = {"logger": "the logger group (logger=tensorboard, csv, mlflow or wandb)",
                "callbacks": "the run's own callbacks (wgan_lit/callbacks.py)", "default_root_dir": "hydra.run.dir",
                "plugins": "wgan_lit's checkpoint IO"}
 
