@@ -51,16 +51,15 @@ class Probe(L.Callback):
             weights = b"".join(p.detach().cpu().numpy().tobytes() for _, p in sorted(pl_module.named_parameters()))
             self.report["weights"][pl_module.gen_step] = hashlib.sha256(weights).hexdigest()
 
-    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
-        self.on_train_end(trainer, pl_module)  # an interrupted run reports what it trained on, too
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any, *_: Any) -> None:
         self.report.update(max_abs_critic=max(p.abs().max().item() for p in pl_module.critic.parameters()),
                            gen_step=pl_module.gen_step, global_step=trainer.global_step, world_size=trainer.world_size)
         out = Path(trainer.default_root_dir) / "probe"
         out.mkdir(parents=True, exist_ok=True)
         name = f"rank{trainer.global_rank}-from{self.report['start_gen_step']}.json"
         (out / name).write_text(json.dumps(self.report))
+
+    on_exception = on_train_end  # an interrupted run reports what it trained on, too
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""DDP on two CPU processes (gloo): a sweep of two DDP jobs, and the life of one run (SIGTERM, a killed rank, a NaN
-on one rank), resumed from the command it printed, exactly; in-process: Hydra's jobs and the lost-process message."""
+"""DDP on two CPU processes (gloo): a sweep, one run's life (SIGTERM, a killed rank, a NaN), a lost process."""
 
 import logging
 import os
@@ -19,7 +18,6 @@ from lightning.fabric.strategies.launchers.subprocess_script import _ChildProces
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-from torch.utils.data import DistributedSampler
 
 import wgan_lit.train as train_mod
 from tests.conftest import ENV, PROBE, TINY_ARGS, compose_train, probe_reports, write_fake_fashion_mnist
@@ -29,9 +27,8 @@ from wgan_lit.train import LostProcessReport, ddp_job
 # 127 images: the ranks' shares are unequal before the drop; 63 places per rank = 3 batches of 16 per pass, so
 # STEPS generator steps (n_critic=2) = 48 batches = 16 whole passes.
 N_IMAGES, WORLD, BATCH, SEED, STEPS = 127, 2, 16, 7, 24
-DDP = ["trainer=ddp_cpu", "trainer.max_epochs=-1", f"seed={SEED}", "trainer.deterministic=true",
-       "logger.sample_every_n_gen_steps=0", "logger.log_every_n_gen_steps=1", "checkpoint_every_n_gen_steps=2",
-       *TINY_ARGS]
+DDP = ["trainer=ddp_cpu", "trainer.max_epochs=-1", f"seed={SEED}", "trainer.deterministic=true", *TINY_ARGS,
+       "logger.sample_every_n_gen_steps=0", "logger.log_every_n_gen_steps=1", "checkpoint_every_n_gen_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +36,7 @@ def data(tmp_path_factory) -> Path:
     return write_fake_fashion_mnist(tmp_path_factory.mktemp("data") / "fmnist", n_train=N_IMAGES)
 
 
-def part(args: list[str], cwd: Path, event: str) -> subprocess.CompletedProcess:
-    """``python args`` with ``PROBE_EVENT=event``; one that hangs fails the test."""
+def part(args: list[str], cwd: Path, event: str) -> subprocess.CompletedProcess:  # one that hangs fails the test
     return subprocess.run([sys.executable, *args], cwd=cwd, env={**ENV, "PROBE_EVENT": event}, capture_output=True,
                           text=True, timeout=240)
 
@@ -73,15 +69,12 @@ def test_each_job_of_a_ddp_sweep_trains_on_both_ranks_in_its_own_dir_on_disjoint
     assert r0["weights"] == r1["weights"] and len(r0["weights"]) == STEPS  # bit for bit, after every step
     assert r0["noise"] != r1["noise"]  # each rank generates its own fakes
     assert 0.01 / 2 < r0["max_abs_critic"] <= 0.01 + 1e-7  # clipped, to c
-    acc = EventAccumulator(str(job_dir / "tensorboard"))
-    acc.Reload()
-    content = acc.PluginTagToContent("hparams")
-    hparams = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    hparams = hparams.hparams
+    (acc := EventAccumulator(str(job_dir / "tensorboard"))).Reload()
+    pb, content = plugin_data_pb2.HParamsPluginData.FromString, acc.PluginTagToContent("hparams")
+    hparams = pb(content["_hparams_/session_start_info"]).session_start_info.hparams
     assert hparams["max_gen_steps"].number_value == STEPS and hparams["model/clip_value"].number_value == 0.01
     assert hparams["trainer/strategy"].string_value == "ddp_find_unused_parameters_true"
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    metrics = {m.name.tag for m in experiment.metric_infos}
+    metrics = {m.name.tag for m in pb(content["_hparams_/experiment"]).experiment.metric_infos}
     assert {"final/W", "final/g_loss", "final/gen_step"} <= metrics
     assert all([e.step for e in acc.Scalars(tag)] == [STEPS] for tag in metrics)  # at the last generator step
     assert acc.Scalars("final/W")[0].value == pytest.approx(acc.Scalars("critic/wasserstein")[-1].value)
@@ -96,15 +89,11 @@ def test_each_job_of_a_ddp_sweep_trains_on_both_ranks_in_its_own_dir_on_disjoint
     for epoch in range(2 * STEPS // 3):
         served = [sum(r["indices"][3 * epoch:3 * epoch + 3], []) for r in (r0, r1)]
         assert not set(served[0]) & set(served[1]) and len(set(served[0] + served[1])) == WORLD * 3 * BATCH
-        samplers = [DistributedSampler(range(N_IMAGES), WORLD, r, shuffle=True, seed=SEED, drop_last=True)
-                    for r in range(WORLD)]
-        for sampler in samplers:
-            sampler.set_epoch(epoch)
-        assert served == [list(s)[:3 * BATCH] for s in samplers]  # each rank its own share, in the sampler's order
+        places = torch.randperm(N_IMAGES, generator=torch.Generator().manual_seed(SEED + epoch))[:2 * (N_IMAGES // 2)]
+        assert served == [places[r::WORLD][:3 * BATCH].tolist() for r in range(WORLD)]  # each its share, in order
 
 
-def resume_command(console: str) -> list[str]:
-    """The command printed after "Resume with:", for the probe instead of ``python -m wgan_lit.train``."""
+def resume_command(console: str) -> list[str]:  # the one printed, for the probe instead of python -m wgan_lit.train
     line = shlex.split(re.search(r"Resume with:\n\s+(.+)", console).group(1))
     assert line[:3] == ["python", "-m", "wgan_lit.train"], line
     return [str(PROBE), *line[3:]]
@@ -159,9 +148,8 @@ TASK = ["trainer=ddp_cpu", "max_gen_steps=50"]
 
 @pytest.fixture
 def hydra_job(tmp_path, monkeypatch, caplog):
-    """A job as Hydra hands it to ``_main``, its HydraConfig set by ``job(mode, task overrides)`` (a run of TASK until
-    called), a fake last.ckpt at step 4, and Lightning's launcher log noting what passes its filters. Yields (job,
-    run dir, launcher log, what passed it, our messages)."""
+    """A job as Hydra hands it to ``_main`` (HydraConfig by ``job(mode, task)``, TASK until called), last.ckpt at step 4
+    and Lightning's launcher log noting what passes its filters: (job, run dir, launcher log, passed, our messages)."""
     monkeypatch.setattr(train_mod, "_log_to_the_run", lambda: None)  # Hydra's logging is not set up here
 
     def job(mode: RunMode, task: list[str]) -> None:
@@ -183,8 +171,7 @@ def hydra_job(tmp_path, monkeypatch, caplog):
     HydraConfig.instance().cfg = None
 
 
-def lost(run_dir: Path, reason: str) -> str:
-    """Our message of a lost process, with the checkpoint and the command that resumes from it."""
+def lost(run_dir: Path, reason: str) -> str:  # our message of a lost process, its checkpoint and resume command
     last = run_dir / "checkpoints" / "last.ckpt"
     return (f"Error: a process of this distributed run died ({reason}); the run stopped.\nLast checkpoint: {last} "
             f"(generator step 4). Resume with:\n  python -m wgan_lit.train {' '.join(TASK)} ckpt_path={last} "
@@ -195,15 +182,14 @@ def test_under_multirun_a_ddp_job_has_its_ranks_rerun_it_alone_and_leaves_nothin
     job, job_dir, *_ = hydra_job
     job(RunMode.MULTIRUN, ["model.clip_value=0.02", "trainer=ddp_cpu"])
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model.clip_value=0.01,0.02", "trainer=ddp_cpu"])
-    for key in ("MASTER_PORT", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
     with ddp_job():
         args = _hydra_subprocess_cmd(local_rank=1)[0][3:]  # what Lightning will run for rank 1, after python -m X
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512", LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group("gloo", rank=0, world_size=1)
     assert args[:2] == ["model.clip_value=0.02", "trainer=ddp_cpu"]  # this job's values, not the sweep's lists
     assert "-m" not in args and "--multirun" not in args and f'hydra.run.dir="{job_dir}"' in args
-    assert not dist.is_initialized() and "MASTER_PORT" not in os.environ and "LOCAL_RANK" not in os.environ
+    assert not dist.is_initialized() and dict(os.environ) == before  # no launcher variables (MASTER_PORT, ...) left
 
 
 # What gloo raised in a collective on rank 0 once rank 1 was killed with kill -9 (torch 2.14): in the DDP

@@ -1,5 +1,4 @@
-"""train.py: what a real run writes (the shared tiny run), exact resume in-process (stopped by max_gen_steps, at an
-epoch's end, by Ctrl-C), the runtime settings a resume reuses, Trainer arguments, and bad input on the command line."""
+"""train.py: a real run's files (the shared tiny run), exact resume, what a resume reuses, Trainer args, bad input."""
 
 import dataclasses
 import gzip
@@ -27,13 +26,11 @@ from wgan_lit.train import main, train
 N = 5  # generator steps = 10 critic batches = 1.25 epochs, so a resumed run crosses an epoch boundary
 
 
-def test_a_run_logs_to_its_dir_on_generator_steps_and_stops_at_max_gen_steps_with_a_checkpoint_for_hydra_less_use(
-        tiny_run):
+def test_a_run_logs_on_generator_steps_and_stops_at_max_gen_steps_with_a_checkpoint_usable_without_hydra(tiny_run):
     log = (tiny_run / "train.log").read_text()
     for line in ("clip_value: 0.01", "n_critic: 2", "GPU available:", f"Run directory: {tiny_run}"):
         assert line in log, line  # the resolved config, Lightning's lines, ours
-    acc = EventAccumulator(str(tiny_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
+    (acc := EventAccumulator(str(tiny_run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})).Reload()
     assert all([e.step for e in acc.Scalars(tag)] == list(range(1, 13)) for tag in conftest.TAGS)  # generator steps
     for loss, w in zip(acc.Scalars("critic/loss"), acc.Scalars("critic/wasserstein"), strict=True):
         assert w.value == pytest.approx(-loss.value)
@@ -58,8 +55,7 @@ def data(tmp_path_factory) -> Path:
     return conftest.write_fake_fashion_mnist(tmp_path_factory.mktemp("data") / "fmnist", n_train=128)
 
 
-def run(data: Path, run_dir: Path, steps: int, ckpt_path: str = "", **model) -> Path:
-    """The tiny run with the averaged generator, curves every step and no grids, to ``steps``; its last.ckpt."""
+def run(data: Path, run_dir: Path, steps: int, ckpt_path: str = "", **model) -> Path:  # averaged; curves, no grids
     logger = {"log_every_n_gen_steps": 1, "sample_every_n_gen_steps": 0}
     train(tiny_config(data, steps, ckpt_path=ckpt_path, logger=logger, **{"ema_decay": 0.9, **model}), run_dir)
     return run_dir / "checkpoints" / "last.ckpt"
@@ -99,11 +95,9 @@ def test_ctrl_c_saves_at_the_batch_boundary_and_resuming_gives_the_weights_avera
     assert curves(straight) == curves(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated"])  # every kind of bad file: tests/test_checkpointing.py
-def test_a_bad_ckpt_path_is_one_clear_error_naming_the_file_before_training(tmp_path, data, tiny_run, case):
-    bad, good = tmp_path / f"{case}.ckpt", tiny_run / "checkpoints" / "last.ckpt"
-    if case == "truncated":
-        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+def test_a_bad_ckpt_path_is_one_clear_error_naming_the_file_before_training(tmp_path, data, tiny_run):
+    good = tiny_run / "checkpoints" / "last.ckpt"  # every kind of bad file: tests/test_checkpointing.py
+    (bad := tmp_path / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError) as err:
         run(data, tmp_path / "run", 4, str(bad))
     assert str(bad) in str(err.value) and "ckpt_path" in str(err.value)
@@ -138,14 +132,12 @@ def test_any_trainer_argument_is_passed_on_cpu_threads_applied_and_fast_dev_run_
         tmp_path, data, caplog, monkeypatch):
     """Neither Trainer argument is a schema key of ours: they reach lightning.Trainer (8 batches an epoch here)."""
     args = [*TINY_ARGS, f"data.root={data}", "trainer=cpu", "trainer.max_epochs=2", "logger.sample_every_n_gen_steps=0"]
-    threads = []
-    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(torch, "set_num_threads", (threads := []).append)
     train(validate(compose_train([*args, "trainer.limit_train_batches=3", "cpu_threads=1"])), tmp_path / "limited")
     limited = load(tmp_path / "limited/checkpoints/last.ckpt")
     assert limited["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 2 * 3
     assert limited["epoch"] == 1 and threads == [1] and limited["wgan_runtime"]["cpu_threads"] == 1
-    batches = []
-    count = type("Count", (L.Callback,), {"on_train_batch_end": lambda self, *_: batches.append(1)})
+    count, batches = type("Count", (L.Callback,), {"on_train_batch_end": lambda self, *_: batches.append(1)}), []
     train(validate(compose_train([*args, "trainer.fast_dev_run=4"])), tmp_path / "dev", [count()])
     assert "Running in `fast_dev_run` mode: will run the requested loop using 4 batch(es)" in caplog.text
     assert len(batches) == 3  # its max_steps=4 counts optimizer steps: 3 critic steps and 1 generator step
