@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Checkpoint, Timer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
@@ -58,7 +59,8 @@ class RunReport(L.Callback):
     """What the run says, on rank 0. At the start, where it runs, on what, how long, where the outputs go; with
     ``progress``, generator steps to the bound that ends it, the rate and the time left: a bar in a terminal, else a
     log line every 10% (every 500 steps when only time bounds it). At the end, the config (flat: ``model/clip_value``)
-    and every final metric (``final/<name>``) in TensorBoard's HParams view: the last callback, it sees them all."""
+    and every final metric (``final/<name>``) in TensorBoard's HParams view (or the MLflow or W&B run): the last
+    callback, it sees them all."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, progress: bool = True, interactive: bool | None = None) -> None:
         self.cfg, self.run_dir, self.progress, self.bar = cfg, run_dir, progress, None
@@ -121,14 +123,18 @@ class RunReport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: WGAN) -> None:
         self.on_exception()
         metrics = {f"final/{k}": float(v) for k, v in trainer.callback_metrics.items()}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):  # rank 0 only: log_hyperparams is rank_zero_only
-                logger.log_hyperparams(dataclasses.asdict(self.cfg), metrics=metrics, step=pl_module.gen_step)
+        config, step = dataclasses.asdict(self.cfg), pl_module.gen_step
+        for logger in trainer.loggers:  # rank 0 only: log_hyperparams and log_metrics are rank_zero_only
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(config, metrics=metrics, step=step)
+            elif isinstance(logger, MLFlowLogger | WandbLogger):  # their runs' parameters and final values
+                logger.log_hyperparams(config)
+                logger.log_metrics(metrics, step=step)
 
 
 class SampleGrid(L.Callback):
     """The fixed noise's grid at the start, every N generator steps and at the end (``<dirpath>/gen_XXXXXX.png``,
-    TensorBoard's ``samples``), then ``timelapse.gif`` of them beside dirpath. It draws no random numbers."""
+    the loggers' ``samples``), then ``timelapse.gif`` of them beside dirpath. It draws no random numbers."""
 
     def __init__(self, dirpath: str | Path, every_n_gen_steps: int, timelapse: bool = True) -> None:
         self.dirpath, self.every, self.timelapse, self._last_step = Path(dirpath), every_n_gen_steps, timelapse, -1
@@ -139,9 +145,8 @@ class SampleGrid(L.Callback):
         self._last_step, images = step, torch.cat([batch.cpu() for batch in module.sample(module.fixed_noise)])
         grid = make_grid(images, nrow=max(1, int(len(images) ** 0.5)), normalize=True, value_range=(-1, 1))
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        save_image(grid, self.dirpath / f"gen_{step:06d}.png")
-        for tensorboard in self._tensorboards(trainer):
-            tensorboard.add_image("samples", grid.clamp(0, 1), global_step=step)
+        save_image(grid, path := self.dirpath / f"gen_{step:06d}.png")
+        self._publish(trainer, path, step, grid.clamp(0, 1))
 
     on_train_start = _render  # the untrained generator: the first frame of the timelapse
 
@@ -152,14 +157,23 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: WGAN) -> None:
         self._render(trainer, pl_module)
         if self.timelapse and trainer.is_global_zero:
-            gif, _ = build_gif(self.dirpath.parent)
-            (self.dirpath.parent / "timelapse.gif").write_bytes(gif)
-            for tensorboard in self._tensorboards(trainer):
-                write_gif_to_tensorboard(gif, step=pl_module.gen_step, writer=tensorboard)
+            (path := self.dirpath.parent / "timelapse.gif").write_bytes(build_gif(self.dirpath.parent)[0])
+            self._publish(trainer, path, pl_module.gen_step)
 
     @staticmethod
-    def _tensorboards(trainer: L.Trainer) -> list[Any]:  # the SummaryWriters of the run's TensorBoard loggers
-        return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    def _publish(trainer: L.Trainer, path: Path, step: int, grid: torch.Tensor | None = None) -> None:
+        """A grid (``samples`` at ``step``) or, with no ``grid``, the GIF (``timelapse``) to the loggers of images."""
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and grid is not None:
+                logger.experiment.add_image("samples", grid, global_step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                write_gif_to_tensorboard(path.read_bytes(), step=step, writer=logger.experiment)
+            elif isinstance(logger, MLFlowLogger) and grid is not None:  # images with a step slider
+                logger.experiment.log_image(logger.run_id, Image.open(path), key="samples", step=step)
+            elif isinstance(logger, MLFlowLogger):  # the GIF: a file of the run
+                logger.experiment.log_artifact(logger.run_id, str(path))
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("timelapse" if grid is None else "samples", [str(path)], step=step)
 
 
 class GeneratorStepLimit(L.Callback):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -37,9 +37,27 @@ BAD_INPUT = (ConfigError, DataError, checkpointing.CheckpointError, OneRunDirErr
 
 log = logging.getLogger("wgan_lit.train")  # not __name__: "__main__" under python -m
 
+class WandbRun(WandbLogger):
+    """Lightning's WandbLogger, which also ends its run: the next one in this process (a sweep job) would log to it."""
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None:
+            self._experiment.finish(exit_code=int(status != "success"))
+
+
 def build_logger(cfg: TrainConfig, run_dir: Path) -> Logger:  # one branch per logger.name
-    if cfg.logger.name == "tensorboard":
+    c = cfg.logger
+    if c.name == "tensorboard":
         return TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False)
+    if c.name == "mlflow" and c.tracking_uri:
+        return MLFlowLogger(c.experiment, tracking_uri=c.tracking_uri)
+    if c.name == "mlflow":  # by default a sqlite store in the run dir: MLflow 3 refuses a directory of files
+        (store := Path(run_dir).resolve() / "mlflow").mkdir(parents=True, exist_ok=True)
+        return MLFlowLogger(c.experiment, tracking_uri=f"sqlite:///{store / 'mlflow.db'}",
+                            artifact_location=(store / "artifacts").as_uri())
+    if c.name == "wandb":
+        return WandbRun(project=c.experiment, save_dir=run_dir, offline=not c.online)
     return CSVLogger(run_dir, name="csv", version="")
 
 
