@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import lightning as L
 import pytest
@@ -134,7 +135,7 @@ CASES = [  # "key=wrong value: the start of what its one line says is expected |
     "data.split=valid: one of train, test for data.name=fashion_mnist", "ckpt_path=/no.ckpt: an existing checkpoint",
     "data.download=true: false: data.name=celeba has no download | data.name=celeba",
     "data.num_workers=2: 0 with data.device_resident=true | data.device_resident=true",
-    "logger.name=wandb: one of tensorboard, csv", "logger.log_every_n_gen_steps=0: an integer >= 1",
+    "logger.name=neptune: one of tensorboard, csv, mlflow, wandb", "logger.log_every_n_gen_steps=0: an integer >= 1",
     "logger.sample_every_n_gen_steps=-1: an int", "max_gen_steps=0: -1 (no limit) or an integer >= 1",
     "checkpoint_every_n_epochs=0: an integer >= 1", "checkpoint_every_n_gen_steps=-1: an integer >= 0",
     "metrics.every_n_gen_steps=-1: an integer >= 0", "metrics.every_n_seconds=-1: a number >= 0",
@@ -145,7 +146,9 @@ CASES = [  # "key=wrong value: the start of what its one line says is expected |
     f"runtime.channels_last=false: unset with fast_path.probe=true | {PROBE}", f"runtime.compile=true: unset | {PROBE}",
     "trainer.limit_trian_batches=2: an argument of lightning.Trainer; did you mean trainer.limit_train_batches?",
     "trainer.callbacks=[]: unset: wgan_lit sets it; use the run's own callbacks",  # no Trainer is built to check
-    "trainer.logger=false: unset: wgan_lit sets it; use the logger group (logger=tensorboard or logger=csv)",
+    "trainer.logger=false: unset: wgan_lit sets it; use the logger group (logger=tensorboard, csv, mlflow or wandb)",
+    "logger.tracking_uri=sqlite:///x.db: its default (''): it is read only with logger.name=mlflow",
+    "logger.online=true: its default (False): it is read only with logger.name=wandb", "objective=coverage: one of",
     "trainer.precision=foo: 64, 32, 16 or 'transformer-engine'", "trainer.max_time=soon: DD:HH:MM:SS",
     "trainer.limit_train_batches=abc: int or float or NoneType (lightning.Trainer's limit_train_batches)",
     "trainer.max_epochs=0: -1 (no limit) or an integer >= 1", "trainer.strategy=dpp: one of auto, ddp,",
@@ -162,7 +165,8 @@ def test_every_key_is_typed_so_hydra_refuses_a_wrong_type_and_every_ruled_key_ha
 
 @pytest.mark.parametrize("case", CASES)
 def test_every_key_with_a_wrong_value_is_one_line_naming_it_and_what_is_expected(monkeypatch, case):
-    monkeypatch.setattr(L.Trainer, "__new__", lambda *_, **__: pytest.fail("a Trainer was built to check"))
+    refuse = functools.wraps(L.Trainer.__init__)(lambda *_, **__: pytest.fail("a Trainer was built to check"))
+    monkeypatch.setattr(L.Trainer, "__init__", refuse)  # wrapped: the rules still read the real signature
     head, _, context = case.partition(" | ")
     (override, expected), key = head.split(": ", 1), head.split("=")[0]
     with pytest.raises(ConfigError) as err:

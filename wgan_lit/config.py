@@ -198,7 +198,7 @@ def _rules(c: TrainConfig) -> list[Rule]:
                   ("runtime.compile", c.runtime.compile, RuntimeConfig.compile))
     return [
         *declared_rules(c),
-        ("logger.name", c.logger.name, c.logger.name in ("tensorboard", "csv") or importlib.util.find_spec(
+        ("logger.name", c.logger.name, c.logger.name not in ("mlflow", "wandb") or importlib.util.find_spec(
             c.logger.name) is not None, f'its library installed: pip install "wgan_lit[{c.logger.name}]"'),
         ("model.clip_value", m.clip_value, not (objective and objective.needs_lipschitz) or m.clip_value or penalty,
          "> 0, or model.gp_weight > 0: the Wasserstein critic needs a Lipschitz constraint (model=wgan_gp)"),
