@@ -165,7 +165,7 @@ class WGAN(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.gen_step)
         self.log(objective.short, metrics[objective.curve], prog_bar=True, logger=False)  # bar, checkpoint names
-        self.log("g_loss", g, logger=False)  # final value goes to the HParams view (HParamsSummary)
+        self.log("g_loss", g, logger=False)  # final value goes to the HParams view (callbacks.RunReport)
 
     def check_finite(self) -> None:
         """Raise DivergenceError, on every rank alike, unless every loss so far and every weight is finite."""
